@@ -1,0 +1,27 @@
+"""dora_jax: DoRA, LoRA and rsLoRA as functional transforms over Flax parameter trees."""
+
+from dora_jax import errors, optim, targets
+from dora_jax.core import AdapterConfig, decompose, init_adapters, merge
+from dora_jax.errors import ConfigError, DoraError, InjectError, ShapeError, TargetError
+from dora_jax.inject import inject
+from dora_jax.optim import combine, masked, partition, trainable_mask
+
+__all__ = [
+    "AdapterConfig",
+    "ConfigError",
+    "DoraError",
+    "InjectError",
+    "ShapeError",
+    "TargetError",
+    "combine",
+    "decompose",
+    "errors",
+    "init_adapters",
+    "inject",
+    "masked",
+    "merge",
+    "optim",
+    "partition",
+    "targets",
+    "trainable_mask",
+]

@@ -1,0 +1,41 @@
+"""Pure DoRA/LoRA functions on arrays and pytrees: no Flax modules, no I/O, no global state."""
+
+from dora_jax.core.adapters import (
+    adapter_entries,
+    check_adapter,
+    init_adapter,
+    init_adapters,
+    is_adapter,
+    matched_entries,
+    merge,
+)
+from dora_jax.core.config import AdapterConfig
+from dora_jax.core.dora import (
+    NORM_EPS,
+    KernelLayout,
+    column_norm,
+    decompose,
+    factored_column_norm,
+    factored_dense,
+    kernel_layout,
+    merge_kernel,
+)
+
+__all__ = [
+    "NORM_EPS",
+    "AdapterConfig",
+    "KernelLayout",
+    "adapter_entries",
+    "check_adapter",
+    "column_norm",
+    "decompose",
+    "factored_column_norm",
+    "factored_dense",
+    "init_adapter",
+    "init_adapters",
+    "is_adapter",
+    "kernel_layout",
+    "matched_entries",
+    "merge",
+    "merge_kernel",
+]

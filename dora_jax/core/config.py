@@ -1,0 +1,187 @@
+"""AdapterConfig: every choice that defines an adapter, validated when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from dora_jax.errors import ConfigError, ShapeError
+
+METHODS = ("dora", "lora")
+NORM_GRADS = ("exact", "detach")
+INITS = ("kaiming_uniform", "gaussian")
+
+
+def _choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"AdapterConfig.{field}: expected one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _regex(field: str, pattern: Any) -> None:
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigError(f"AdapterConfig.{field}: expected a non-empty regex string; got {pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(f"AdapterConfig.{field}: {pattern!r} is not a valid regex ({err})") from None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdapterConfig:
+    """What to adapt and how; hashable, so it can be a static argument of ``jax.jit``.
+
+    Fields:
+      method: "dora" (magnitude x low-rank-adapted direction) or "lora" (additive low rank).
+      rank: r, the inner dimension of A (d_in, r) and B (r, d_out).
+      alpha: the LoRA scale numerator; s = alpha / r, or alpha / sqrt(r) with ``rslora``.
+      targets: regex (or several) matched in full against '/'-joined leaf paths, e.g.
+        r".*/(query|value)/kernel". Each pattern must match at least one leaf.
+      dropout: dropout rate on the low-rank branch input during training (0 disables it).
+      norm_grad: "exact" differentiates through the column norm; "detach" treats it as a
+        constant in backprop (DoRA paper section 4.3, what PEFT does).
+      rslora: use s = alpha / sqrt(r) (rank-stabilised LoRA).
+      init: how A starts: "kaiming_uniform" (U(+-1/sqrt(d_in)), as PEFT) or "gaussian"
+        (N(0, 1/r^2), PEFT's "gaussian"). B always starts at zero.
+      dtype: dtype of the adapter parameters (A, B, m), independent of the base weights.
+      input_axes: for kernels with more than two axes, {regex: axes} naming the input
+        (contracted) axes of the kernels whose path the regex matches in full; the first
+        matching rule wins. Two-axis kernels default to (0,), the Flax (d_in, d_out) layout.
+    """
+
+    method: str = "dora"
+    rank: int = 8
+    alpha: float = 16.0
+    targets: str | tuple[str, ...]
+    dropout: float = 0.0
+    norm_grad: str = "detach"
+    rslora: bool = False
+    init: str = "kaiming_uniform"
+    dtype: str = "float32"
+    input_axes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    def __post_init__(self) -> None:
+        _choice("method", self.method, METHODS)
+        _choice("norm_grad", self.norm_grad, NORM_GRADS)
+        _choice("init", self.init, INITS)
+        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank <= 0:
+            raise ConfigError(f"AdapterConfig.rank: expected a positive integer; got {self.rank!r}")
+        object.__setattr__(self, "rank", int(self.rank))
+        if (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, (int, float, np.number))
+            or not (math.isfinite(self.alpha) and self.alpha > 0)
+        ):
+            raise ConfigError(f"AdapterConfig.alpha: expected a positive finite number; got {self.alpha!r}")
+        object.__setattr__(self, "alpha", float(self.alpha))
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"AdapterConfig.dropout: expected a rate in [0, 1); got {self.dropout!r}")
+        object.__setattr__(self, "dropout", float(self.dropout))
+        if not isinstance(self.rslora, bool):
+            raise ConfigError(f"AdapterConfig.rslora: expected True or False; got {self.rslora!r}")
+        self._normalise_targets()
+        self._normalise_dtype()
+        self._normalise_input_axes()
+
+    def _normalise_targets(self) -> None:
+        targets = (self.targets,) if isinstance(self.targets, str) else self.targets
+        try:
+            targets = tuple(targets)
+        except TypeError:
+            raise ConfigError(
+                f"AdapterConfig.targets: expected a regex or a sequence of regexes; got {self.targets!r}"
+            ) from None
+        if not targets:
+            raise ConfigError("AdapterConfig.targets: expected at least one regex; got an empty sequence")
+        for pattern in targets:
+            _regex("targets", pattern)
+        object.__setattr__(self, "targets", targets[0] if len(targets) == 1 else targets)
+
+    def _normalise_dtype(self) -> None:
+        try:
+            dtype = jnp.dtype(self.dtype)
+        except TypeError:
+            dtype = None
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise ConfigError(
+                f"AdapterConfig.dtype: expected a floating dtype such as 'float32' or 'bfloat16'; got {self.dtype!r}"
+            )
+        object.__setattr__(self, "dtype", dtype.name)
+
+    def _normalise_input_axes(self) -> None:
+        rules = self.input_axes.items() if isinstance(self.input_axes, Mapping) else self.input_axes
+        normalised = []
+        for rule in rules:
+            if not (isinstance(rule, tuple | list) and len(rule) == 2):
+                raise ConfigError(f"AdapterConfig.input_axes: expected {{regex: axes}} pairs; got {rule!r}")
+            pattern, axes = rule
+            _regex("input_axes", pattern)
+            axes = (axes,) if isinstance(axes, int) else tuple(axes)
+            if (
+                not axes
+                or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes)
+                or len(set(axes)) != len(axes)
+            ):
+                raise ConfigError(
+                    f"AdapterConfig.input_axes[{pattern!r}]: expected distinct integer axes; got {rule[1]!r}"
+                )
+            normalised.append((pattern, axes))
+        object.__setattr__(self, "input_axes", tuple(normalised))
+
+    @property
+    def scale(self) -> float:
+        """s in W0 + s * A @ B: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    @property
+    def target_patterns(self) -> tuple[str, ...]:
+        return (self.targets,) if isinstance(self.targets, str) else self.targets
+
+    def axes_for(self, path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The input (contracted) axes of the kernel at ``path``, normalised to be non-negative."""
+        ndim = len(shape)
+        for pattern, axes in self.input_axes:
+            if re.fullmatch(pattern, path):
+                if any(not -ndim <= a < ndim for a in axes) or len(axes) >= ndim:
+                    raise ShapeError(
+                        f"input_axes {axes} for {path!r} do not fit its kernel of shape {shape}: "
+                        f"need distinct axes in [-{ndim}, {ndim}) leaving at least one output axis"
+                    )
+                normalised = tuple(a % ndim for a in axes)
+                if len(set(normalised)) != len(normalised):
+                    raise ShapeError(f"input_axes {axes} for {path!r} name the same axis twice")
+                return normalised
+        if ndim == 2:
+            return (0,)
+        raise ShapeError(
+            f"kernel {path!r} has shape {shape} ({ndim} axes): say which axes are the input "
+            f"(contracted) ones, e.g. AdapterConfig(input_axes={{{path!r}: (0,)}})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of the fields (inverse of ``from_dict``)."""
+        out = dataclasses.asdict(self)
+        out["targets"] = list(self.target_patterns) if len(self.target_patterns) > 1 else self.targets
+        out["input_axes"] = {pattern: list(axes) for pattern, axes in self.input_axes}
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> AdapterConfig:
+        """Builds a config from a mapping (e.g. an ml_collections ConfigDict); unknown keys are errors."""
+        if hasattr(values, "to_dict"):  # ml_collections.ConfigDict
+            values = values.to_dict()
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ConfigError(f"AdapterConfig: unknown field(s) {unknown}; valid fields: {fields}")
+        kwargs = dict(values)
+        if isinstance(kwargs.get("targets"), list):
+            kwargs["targets"] = tuple(kwargs["targets"])
+        if "input_axes" in kwargs and isinstance(kwargs["input_axes"], Mapping):
+            kwargs["input_axes"] = tuple(kwargs["input_axes"].items())
+        return cls(**kwargs)

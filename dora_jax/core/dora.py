@@ -1,0 +1,177 @@
+"""DoRA and LoRA math on single kernels: decomposition, column norms, merge, factored forward.
+
+Convention (DESIGN.md): a Flax kernel W0 is (d_in, d_out); ``||.||_c`` is the L2 norm of each
+output column, over the input axes. For a kernel with more axes, the input axes are contracted
+and the rest are outputs; it is viewed as the (d_in, d_out) matrix of a ``KernelLayout``.
+
+Every column norm here is ``sqrt(sum(w**2) + NORM_EPS)``: the epsilon keeps a zero column finite
+(PEFT has no guard and gives NaN) and is used both for the initial magnitude and for the norm
+in the forward pass, so that ``m / n == 1`` at step 0 also for a zero column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dora_jax.core.config import AdapterConfig
+
+Adapter = dict[str, jax.Array]
+
+NORM_EPS = 1e-12  # inside the square root of every column norm; see the module docstring.
+_EXACT = lax.Precision.HIGHEST  # the small norm matmuls must not drop to bf16 passes on TPU
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLayout:
+    """How an N-axis kernel is viewed as a (d_in, d_out) matrix: input axes first, in order."""
+
+    input_axes: tuple[int, ...]
+    output_axes: tuple[int, ...]
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    @property
+    def d_in(self) -> int:
+        return math.prod(self.in_shape)
+
+    @property
+    def d_out(self) -> int:
+        return math.prod(self.out_shape)
+
+    @property
+    def permutation(self) -> tuple[int, ...]:
+        return self.input_axes + self.output_axes
+
+    def to_matrix(self, kernel: jax.Array) -> jax.Array:
+        return jnp.transpose(kernel, self.permutation).reshape(self.d_in, self.d_out)
+
+    def from_matrix(self, matrix: jax.Array) -> jax.Array:
+        structured = matrix.reshape(self.in_shape + self.out_shape)
+        inverse = sorted(range(len(self.permutation)), key=self.permutation.__getitem__)
+        return jnp.transpose(structured, inverse)
+
+    def adapter_shapes(self, rank: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of A, B and m for this kernel: (*in_shape, r), (r, *out_shape), out_shape."""
+        return {"a": self.in_shape + (rank,), "b": (rank,) + self.out_shape, "m": self.out_shape}
+
+    def adapter_matrices(self, adapter: Adapter) -> Adapter:
+        """A as (d_in, r), B as (r, d_out) and m as (d_out,)."""
+        rank = adapter["a"].shape[-1]
+        out = {"a": adapter["a"].reshape(self.d_in, rank), "b": adapter["b"].reshape(rank, self.d_out)}
+        if "m" in adapter:
+            out["m"] = adapter["m"].reshape(self.d_out)
+        return out
+
+
+def kernel_layout(shape: tuple[int, ...], input_axes: tuple[int, ...] = (0,)) -> KernelLayout:
+    """The matrix view of a kernel of ``shape`` whose ``input_axes`` are contracted."""
+    ndim = len(shape)
+    inputs = tuple(a % ndim for a in input_axes)
+    outputs = tuple(a for a in range(ndim) if a not in inputs)
+    return KernelLayout(inputs, outputs, tuple(shape[a] for a in inputs), tuple(shape[a] for a in outputs))
+
+
+def norm_dtype(*dtypes: Any) -> jnp.dtype:
+    """float32, or wider when an operand is wider: norms never run in half precision."""
+    return jnp.result_type(jnp.float32, *dtypes)
+
+
+def column_norm(matrix: jax.Array) -> jax.Array:
+    """Guarded L2 norm of each column of a (d_in, d_out) matrix, in at least float32."""
+    matrix = matrix.astype(norm_dtype(matrix.dtype))
+    return jnp.sqrt(jnp.sum(matrix * matrix, axis=0) + NORM_EPS)
+
+
+def decompose(kernel: jax.Array, input_axes: tuple[int, ...] = (0,)) -> tuple[jax.Array, jax.Array]:
+    """Magnitude ``||W||_c`` (shape of the output axes) and unit-norm direction ``W / ||W||_c``."""
+    layout = kernel_layout(kernel.shape, input_axes)
+    matrix = layout.to_matrix(kernel)
+    magnitude = column_norm(matrix)
+    direction = (matrix.astype(magnitude.dtype) / magnitude).astype(kernel.dtype)
+    return magnitude.reshape(layout.out_shape), layout.from_matrix(direction)
+
+
+def factored_column_norm(w0: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """``||W0 + s A B||_c`` without the d_in x d_out sum, in at least float32.
+
+    n^2 = ||W0||^2 + 2s sum_r B * (A^T W0) + s^2 sum_r B * ((A^T A) B); the extra work is
+    O(r d_in d_out) and no (d_in, d_out) temporary other than W0 itself is read.
+    """
+    dtype = norm_dtype(w0.dtype, a.dtype, b.dtype)
+    w0, a, b = w0.astype(dtype), a.astype(dtype), b.astype(dtype)
+    base = jnp.sum(w0 * w0, axis=0)
+    cross = jnp.sum(b * jnp.matmul(a.T, w0, precision=_EXACT), axis=0)
+    low_rank = jnp.sum(b * jnp.matmul(jnp.matmul(a.T, a, precision=_EXACT), b, precision=_EXACT), axis=0)
+    squared = base + 2.0 * scale * cross + scale * scale * low_rank
+    # The expansion can cancel to a tiny negative number where W' is ~0; the true value is >= 0.
+    return jnp.sqrt(jnp.maximum(squared, 0.0) + NORM_EPS)
+
+
+def merged_matrix(w0: jax.Array, adapter: Adapter, cfg: AdapterConfig) -> jax.Array:
+    """W' for a (d_in, d_out) kernel and matrix-shaped adapter, in the norm dtype."""
+    dtype = norm_dtype(w0.dtype, adapter["a"].dtype)
+    w = w0.astype(dtype) + cfg.scale * jnp.matmul(
+        adapter["a"].astype(dtype), adapter["b"].astype(dtype), precision=_EXACT
+    )
+    if cfg.method == "lora":
+        return w
+    norm = column_norm(w)
+    if cfg.norm_grad == "detach":
+        norm = lax.stop_gradient(norm)
+    return w * (adapter["m"].astype(dtype) / norm)
+
+
+def merge_kernel(
+    kernel: jax.Array, adapter: Adapter, cfg: AdapterConfig, input_axes: tuple[int, ...] = (0,)
+) -> jax.Array:
+    """The adapted kernel W' = m * (W0 + sAB) / ||W0 + sAB||_c (DoRA) or W0 + sAB (LoRA)."""
+    layout = kernel_layout(kernel.shape, input_axes)
+    merged = merged_matrix(layout.to_matrix(kernel), layout.adapter_matrices(adapter), cfg)
+    return layout.from_matrix(merged.astype(kernel.dtype))
+
+
+def low_rank_dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout on the low-rank branch input; the identity when rate is 0 or rng is None."""
+    if rate == 0.0 or rng is None:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+
+
+def factored_dense(
+    x: jax.Array,
+    w0: jax.Array,
+    adapter: Adapter,
+    cfg: AdapterConfig,
+    *,
+    bias: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
+    precision: Any = None,
+) -> jax.Array:
+    """``y = (m / n) * (x @ W0 + s * (drop(x) @ A) @ B) + bias`` without building W'.
+
+    ``x`` is (..., d_in) in the compute dtype; ``w0`` is (d_in, d_out) in its stored dtype (the
+    matmul casts it to the compute dtype, the norm reads it as stored, so a bf16 forward over
+    float32 weights keeps ``m / n == 1`` at init). The adapter holds matrices
+    (``KernelLayout.adapter_matrices``). ``n`` is computed in float32 by
+    ``factored_column_norm``; the bias is added after the magnitude scale and never scaled.
+    For LoRA the scale is dropped: ``y = x @ W0 + s * (drop(x) @ A) @ B + bias``.
+    """
+    dtype = x.dtype
+    base = jnp.matmul(x, w0.astype(dtype), precision=precision)
+    hidden = jnp.matmul(low_rank_dropout(x, cfg.dropout, dropout_rng), adapter["a"].astype(dtype), precision=precision)
+    y = base + jnp.asarray(cfg.scale, dtype) * jnp.matmul(hidden, adapter["b"].astype(dtype), precision=precision)
+    if cfg.method == "dora":
+        norm = factored_column_norm(w0, adapter["a"], adapter["b"], cfg.scale)
+        if cfg.norm_grad == "detach":
+            norm = lax.stop_gradient(norm)
+        y = y * (adapter["m"].astype(norm.dtype) / norm).astype(dtype)
+    if bias is not None:
+        y = y + bias
+    return y

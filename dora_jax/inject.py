@@ -1,0 +1,187 @@
+"""Run any Flax linen ``apply`` with adapters, routing targeted layers through the factored forward.
+
+``inject(model.apply, cfg)(params, adapters, *args, **kwargs)`` equals
+``model.apply({"params": merge(params, adapters, cfg)}, *args, **kwargs)``, but every targeted
+``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Einsum`` call is intercepted
+(``nn.intercept_methods``) and computed as ``(m/n)(x @ W0 + s drop(x) @ A @ B) + bias``, so the
+adapted kernel W' is never built on the training path. A targeted leaf that no such call reads
+(a custom layer, a Dense with a custom ``dot_general``, a DenseGeneral with ``batch_dims``, an
+input-axes rule the layer does not contract) is merged into the params instead, so the result
+is the same either way; ``fallback="error"`` turns that into an InjectError.
+
+Finding which targets are intercepted costs one abstract trace of the model
+(``jax.eval_shape``) per call, i.e. per compilation under ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import collections
+import zlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+from opt_einsum import parser as einsum_parser
+
+from dora_jax import targets
+from dora_jax.core import AdapterConfig, factored_dense, kernel_layout, matched_entries, merge
+from dora_jax.core.dora import Adapter
+from dora_jax.errors import ConfigError, InjectError
+
+FALLBACKS = ("merge", "error")
+
+
+def _promote(module: nn.Module, x: jax.Array, kernel: jax.Array, bias: jax.Array | None):
+    promote = getattr(module, "promote_dtype", promote_dtype)
+    return promote(x, kernel, bias, dtype=module.dtype)
+
+
+def _custom_dot(module: nn.Module) -> bool:
+    return getattr(module, "dot_general", None) is not None or getattr(module, "dot_general_cls", None) is not None
+
+
+def _dense(module, args, kwargs, kernel, bias, axes, route):
+    if _custom_dot(module) or axes != (0,) or len(args) != 1 or kwargs:
+        return None
+    x, _, bias = _promote(module, args[0], kernel, bias)
+    return route(x, kernel, bias, module.precision)
+
+
+def _dense_general(module, args, kwargs, kernel, bias, axes, route):
+    if _custom_dot(module) or module.batch_dims or len(args) != 1 or kwargs:
+        return None
+    x = args[0]
+    contract = module.axis if isinstance(module.axis, tuple | list) else (module.axis,)
+    contract = tuple(a % x.ndim for a in contract)
+    if axes != tuple(range(len(contract))):
+        return None
+    x, _, bias = _promote(module, x, kernel, bias)
+    moved = jnp.moveaxis(x, contract, range(x.ndim - len(contract), x.ndim))
+    batch_shape = moved.shape[: x.ndim - len(contract)]
+    layout = kernel_layout(kernel.shape, axes)
+    y = route(
+        moved.reshape(batch_shape + (layout.d_in,)),
+        kernel.reshape(layout.d_in, layout.d_out),
+        None if bias is None else bias.reshape(layout.d_out),
+        module.precision,
+    )
+    return y.reshape(batch_shape + layout.out_shape)
+
+
+def _einsum(module, args, kwargs, kernel, bias, axes, route):
+    if getattr(module, "preferred_element_type", None) is not None or len(args) > 2:
+        return None
+    x = args[0]
+    spec = kwargs.get("einsum_str", args[1] if len(args) == 2 else None) or module.einsum_str
+    operands, result, _ = einsum_parser.parse_einsum_input((spec.replace(" ", ""), x, kernel))
+    x_spec, w_spec = operands.split(",")
+    contracted = {c for c in w_spec if c in x_spec and c not in result}
+    outputs = [c for c in w_spec if c not in x_spec and c in result]
+    kept = [c for c in x_spec if c in result]
+    plain = (
+        len(set(x_spec)) == len(x_spec)
+        and len(set(w_spec)) == len(w_spec)
+        and len(contracted) + len(outputs) == len(w_spec)  # no letter shared as a batch axis
+        and all(c in w_spec or c in result for c in x_spec)  # no input-only summed letter
+        and sorted(result) == sorted(kept + outputs)
+        and {w_spec[a] for a in axes} == contracted
+    )
+    if not plain:
+        return None
+    x, _, bias = _promote(module, x, kernel, bias)
+    layout = kernel_layout(kernel.shape, axes)
+    in_letters = "".join(w_spec[a] for a in layout.input_axes)
+    out_letters = "".join(w_spec[a] for a in layout.output_axes)
+    kept = "".join(kept)
+    x2 = jnp.einsum(f"{x_spec}->{kept}{in_letters}", x)
+    batch_shape = x2.shape[: len(kept)]
+    y = route(x2.reshape(batch_shape + (layout.d_in,)), layout.to_matrix(kernel), None, module.precision)
+    y = jnp.einsum(f"{kept}{out_letters}->{result}", y.reshape(batch_shape + layout.out_shape))
+    if bias is not None:
+        y = y + bias.reshape([kernel.shape[w_spec.index(c)] if c in w_spec else 1 for c in result])
+    return y
+
+
+_HANDLERS: tuple[tuple[type, Callable], ...] = (
+    (nn.Dense, _dense),
+    (nn.DenseGeneral, _dense_general),
+    (nn.Einsum, _einsum),
+)
+
+
+class _Router:
+    """The method interceptor: sends targeted layer calls through ``factored_dense``."""
+
+    def __init__(self, entries: Mapping[str, Adapter], cfg: AdapterConfig, dropout_rng: jax.Array | None):
+        self.entries, self.cfg, self.dropout_rng = entries, cfg, dropout_rng
+        self.handled: set[str] = set()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __call__(self, next_fun, args, kwargs, context):
+        module = context.module
+        handler = next((h for cls, h in _HANDLERS if isinstance(module, cls)), None)
+        path = "/".join(module.path + ("kernel",))
+        if context.method_name != "__call__" or handler is None or path not in self.entries:
+            return next_fun(*args, **kwargs)
+        kernel = module.get_variable("params", "kernel")
+        bias = module.get_variable("params", "bias") if getattr(module, "use_bias", False) else None
+        adapter = self.entries[path]
+        axes = self.cfg.axes_for(path, tuple(kernel.shape))
+        matrices = kernel_layout(kernel.shape, axes).adapter_matrices(adapter)
+        rng = None
+        if self.dropout_rng is not None and self.cfg.dropout > 0:
+            rng = jax.random.fold_in(jax.random.fold_in(self.dropout_rng, zlib.crc32(path.encode())), self.calls[path])
+        self.calls[path] += 1
+
+        def route(x, w0, b, precision):
+            return factored_dense(x, w0, matrices, self.cfg, bias=b, dropout_rng=rng, precision=precision)
+
+        out = handler(module, args, kwargs, kernel, bias, axes, route)
+        if out is None:
+            return next_fun(*args, **kwargs)
+        self.handled.add(path)
+        return out
+
+
+def inject(apply_fn: Callable[..., Any], cfg: AdapterConfig, *, fallback: str = "merge") -> Callable[..., Any]:
+    """Wraps a Flax ``apply`` so that ``f(params, adapters, *args, **kw)`` runs the adapted model.
+
+    Keyword arguments of the returned function besides the model's own:
+      dropout_rng: PRNG key for dropout on the low-rank branch (none when omitted: evaluation).
+      collections: other variable collections to pass to ``apply`` (e.g. ``batch_stats``).
+    ``fallback``: "merge" merges targeted leaves no layer call reads; "error" raises instead.
+    """
+    if fallback not in FALLBACKS:
+        raise ConfigError(f"inject fallback: expected one of {FALLBACKS}; got {fallback!r}")
+
+    def run(params: Any, router: _Router, args, kwargs, collections_):
+        with nn.intercept_methods(router):
+            return apply_fn({"params": params, **collections_}, *args, **kwargs)
+
+    def adapted_apply(
+        params: Any,
+        adapters: Any,
+        *args: Any,
+        dropout_rng: jax.Array | None = None,
+        collections: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        entries = matched_entries(params, adapters, cfg)
+        collections_ = dict(collections or {})
+        probe = _Router(entries, cfg, None)
+        jax.eval_shape(lambda: run(params, probe, args, kwargs, collections_))
+        unrouted = sorted(set(entries) - probe.handled)
+        if unrouted and fallback == "error":
+            raise InjectError(
+                f"no Dense/DenseGeneral/Einsum call could route targets {unrouted} through the "
+                "factored forward; use fallback='merge' to merge them instead"
+            )
+        if unrouted:
+            params = merge(params, targets.nest({p: entries[p] for p in unrouted}), cfg)
+        router = _Router({p: entries[p] for p in probe.handled}, cfg, dropout_rng)
+        return run(params, router, args, kwargs, collections_)
+
+    return adapted_apply

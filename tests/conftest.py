@@ -1,0 +1,74 @@
+"""Small Flax models shared by the tests: an MLP of Dense layers and an attention block."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+
+class MLP(nn.Module):
+    """Two Dense layers with a GELU, as in a transformer feed-forward block."""
+
+    hidden: int = 32
+    features: int = 12
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.hidden, name="up", dtype=self.dtype)(x)
+        x = nn.gelu(x)
+        return nn.Dense(self.features, name="down", dtype=self.dtype)(x)
+
+
+class Attention(nn.Module):
+    """Self-attention whose projections are DenseGeneral kernels (d, h, k) and (h, k, d)."""
+
+    heads: int = 4
+    head_dim: int = 8
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        proj = lambda name: nn.DenseGeneral((self.heads, self.head_dim), name=name, dtype=self.dtype)  # noqa: E731
+        q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
+        weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / self.head_dim**0.5, axis=-1)
+        attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), name="out", dtype=self.dtype)(attended)
+
+
+ATTENTION_AXES = {r".*/(query|key|value)/kernel": (0,), r".*/out/kernel": (0, 1)}
+
+
+class Block(nn.Module):
+    """Attention then MLP, with residuals: a transformer layer without norms."""
+
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = x + Attention(name="attention", dtype=self.dtype)(x)
+        return x + MLP(hidden=48, features=x.shape[-1], name="mlp", dtype=self.dtype)(x)
+
+
+@pytest.fixture
+def mlp():
+    model = MLP()
+    x = jax.random.normal(jax.random.key(1), (4, 16))
+    params = model.init(jax.random.key(0), x)["params"]
+    return model, params, x
+
+
+@pytest.fixture
+def block():
+    model = Block()
+    x = jax.random.normal(jax.random.key(1), (2, 6, 32))
+    params = model.init(jax.random.key(0), x)["params"]
+    return model, params, x
+
+
+def perturb(adapters, key=3, scale=0.3):
+    """Adapters moved away from their init (B != 0, m != ||W0||) so that tests see real adaptation."""
+    leaves, treedef = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(key), len(leaves))
+    moved = [leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(treedef, moved)

@@ -1,0 +1,111 @@
+"""Only adapter leaves train: masks, partitions, optimizer state and a jitted step that compiles once."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dora_jax as dj
+from conftest import ATTENTION_AXES
+from dora_jax.core import AdapterConfig
+
+CFG = AdapterConfig(rank=4, targets=r".*/(query|value|up)/kernel", input_axes=ATTENTION_AXES)
+
+
+def state_size(opt_state):
+    return sum(np.size(leaf) for leaf in jax.tree.leaves(opt_state))
+
+
+def tree_size(tree):
+    return sum(np.size(leaf) for leaf in jax.tree.leaves(tree))
+
+
+def mse_loss(model, cfg):
+    f = dj.inject(model.apply, cfg)
+
+    def loss(adapters, params, batch, rng):
+        x, target = batch
+        return jnp.mean((f(params, adapters, x, dropout_rng=rng) - target) ** 2)
+
+    return loss
+
+
+def test_trainable_mask_marks_adapter_leaves_and_extra_paths(block):
+    _, params, _ = block
+    tree = {"params": params, "adapters": dj.init_adapters(jax.random.key(0), params, CFG)}
+    mask = dj.trainable_mask(tree, extra=r"params/mlp/down/bias")
+    trained = {dj.targets.path_str(kp) for kp, keep in jax.tree_util.tree_flatten_with_path(mask)[0] if keep}
+    assert trained == {"params/mlp/down/bias"} | {
+        f"adapters/{layer}/kernel/{key}" for layer in ("attention/query", "attention/value", "mlp/up") for key in "abm"
+    }
+
+
+def test_partition_then_combine_is_the_identity(block):
+    _, params, _ = block
+    tree = {"params": params, "adapters": dj.init_adapters(jax.random.key(0), params, CFG)}
+    trainable, frozen = dj.partition(tree, dj.trainable_mask(tree))
+    assert tree_size(trainable) == tree_size(tree["adapters"]) and tree_size(frozen) == tree_size(params)
+    chex.assert_trees_all_equal(dj.combine(trainable, frozen), tree)
+
+
+def test_adamw_steps_change_only_adapters_and_keep_no_state_for_the_base(block):
+    model, params, x = block
+    adapters = dj.init_adapters(jax.random.key(0), params, CFG)
+    tx = optax.adamw(1e-2)
+    step = jax.jit(dj.optim.make_train_step(mse_loss(model, CFG), tx))
+    params_before = jax.tree.map(np.array, params)
+    opt_state = tx.init(adapters)
+    batch = (x, jnp.zeros_like(x))
+    new = adapters
+    for i in range(3):
+        new, opt_state, _ = step(new, params, opt_state, batch, jax.random.key(i))
+    chex.assert_trees_all_equal(params, params_before)
+    assert state_size(opt_state) == 2 * tree_size(adapters) + 1  # mu, nu and the step count
+    changed = jax.tree.map(lambda before, after: bool(np.any(before != after)), adapters, new)
+    assert all(jax.tree.leaves(changed)), changed
+
+
+def test_masked_optimizer_on_a_combined_tree_leaves_frozen_leaves_bit_identical(block):
+    model, params, x = block
+    tree = {"params": params, "adapters": dj.init_adapters(jax.random.key(0), params, CFG)}
+    mask = dj.trainable_mask(tree)
+    tx = dj.masked(optax.adamw(1e-2), mask)
+    opt_state = tx.init(tree)
+    assert state_size(opt_state) == 2 * tree_size(tree["adapters"]) + 1
+    f = dj.inject(model.apply, CFG)
+    loss = lambda t: jnp.mean(f(t["params"], t["adapters"], x) ** 2)  # noqa: E731
+    for _ in range(2):
+        grads = jax.grad(loss)(tree)
+        updates, opt_state = tx.update(grads, opt_state, tree)
+        tree = optax.apply_updates(tree, updates)
+    chex.assert_trees_all_equal(tree["params"], params)
+    initial = dj.init_adapters(jax.random.key(0), params, CFG)
+    changed = jax.tree.map(lambda before, after: bool(np.any(before != after)), initial, tree["adapters"])
+    assert all(jax.tree.leaves(changed)), changed
+
+
+@pytest.mark.parametrize("method", ["dora", "lora"])
+def test_jitted_train_step_compiles_once(block, method):
+    model, params, x = block
+    cfg = AdapterConfig(
+        method=method, rank=4, targets=r".*/(query|value|up)/kernel", input_axes=ATTENTION_AXES, dropout=0.1
+    )
+    traces = []
+    loss = mse_loss(model, cfg)
+
+    def counted(*args):
+        traces.append(1)
+        return loss(*args)
+
+    tx = optax.adamw(1e-3)
+    step = jax.jit(dj.optim.make_train_step(counted, tx), donate_argnums=(0, 2))
+    adapters = dj.init_adapters(jax.random.key(0), params, cfg)
+    opt_state = tx.init(adapters)
+    losses = []
+    for i in range(4):
+        adapters, opt_state, value = step(adapters, params, opt_state, (x, jnp.zeros_like(x)), jax.random.key(i))
+        losses.append(float(value))
+    assert len(traces) == 1 and step._cache_size() == 1
+    assert losses[-1] < losses[0]
