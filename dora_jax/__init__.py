@@ -1,6 +1,6 @@
 """dora_jax: DoRA, LoRA and rsLoRA as functional transforms over Flax parameter trees."""
 
-from dora_jax import errors, optim, targets
+from dora_jax import core, errors, io, models, optim, targets
 from dora_jax.core import AdapterConfig, decompose, init_adapters, merge
 from dora_jax.errors import ConfigError, DoraError, InjectError, ShapeError, TargetError
 from dora_jax.inject import inject
@@ -14,12 +14,15 @@ __all__ = [
     "ShapeError",
     "TargetError",
     "combine",
+    "core",
     "decompose",
     "errors",
     "init_adapters",
     "inject",
+    "io",
     "masked",
     "merge",
+    "models",
     "optim",
     "partition",
     "targets",

@@ -1,0 +1,102 @@
+"""Flax model zoo with logical axis names: Llama family and BERT family. Nothing DoRA-specific.
+
+``from_hf_config`` builds a module from an HF ``config.json`` dict; ``hf_table`` and
+``hf_config`` give what export needs to write it back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dora_jax.errors import ConfigError
+from dora_jax.models import bert, llama
+from dora_jax.models.bert import BertConfig, BertForSequenceClassification, BertModel
+from dora_jax.models.hf_names import Table, hf_module, hf_tensor
+from dora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+SUPPORTED_MODEL_TYPES = llama.MODEL_TYPES + bert.MODEL_TYPES
+ZOO = (LlamaForCausalLM, BertModel, BertForSequenceClassification)
+
+
+def from_hf_config(hf: dict[str, Any], dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> nn.Module:
+    """The zoo module for an HF config dict; ``dtype`` is the compute dtype."""
+    model_type = hf.get("model_type")
+    if model_type in llama.MODEL_TYPES:
+        return LlamaForCausalLM(LlamaConfig.from_hf(hf), dtype=dtype, param_dtype=param_dtype)
+    if model_type in bert.MODEL_TYPES:
+        config = BertConfig.from_hf(hf)
+        if "BertForSequenceClassification" in (hf.get("architectures") or []):
+            if model_type != "bert":
+                raise ConfigError(
+                    f"sequence classification is supported for model_type 'bert' only, not {model_type!r}"
+                )
+            return BertForSequenceClassification(config, dtype=dtype, param_dtype=param_dtype)
+        return BertModel(config, dtype=dtype, param_dtype=param_dtype)
+    raise ConfigError(f"model_type {model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}")
+
+
+def hf_table(model: nn.Module) -> Table:
+    """Flax module regex -> HF module name rules of a zoo model."""
+    if isinstance(model, LlamaForCausalLM):
+        return llama.HF_MODULES
+    if isinstance(model, BertModel | BertForSequenceClassification):
+        return bert.hf_modules(classifier=isinstance(model, BertForSequenceClassification))
+    raise ConfigError(f"{type(model).__name__} is not a model of the zoo {[cls.__name__ for cls in ZOO]}")
+
+
+def hf_config(model: nn.Module) -> dict[str, Any]:
+    """The HF ``config.json`` dict of a zoo model, with its architecture named."""
+    out = model.config.to_hf()
+    if isinstance(model, BertForSequenceClassification):
+        out["architectures"] = ["BertForSequenceClassification"]
+        out.setdefault("id2label", {str(i): f"LABEL_{i}" for i in range(model.config.num_labels)})
+    elif isinstance(model, BertModel):
+        out["architectures"] = ["RobertaModel" if model.config.model_type == "roberta" else "BertModel"]
+    return out
+
+
+def dummy_inputs(model: nn.Module) -> tuple[jax.Array]:
+    """Inputs that trace every parameter of a zoo model."""
+    return (jnp.zeros((1, 1), jnp.int32),)
+
+
+def boxed_shapes(model: nn.Module) -> Any:
+    """Abstract params with their ``nn.Partitioned`` logical-axis boxes (no memory allocated)."""
+    return jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(model))["params"]
+
+
+def abstract_params(model: nn.Module) -> Any:
+    """Shapes and dtypes of the (unboxed) params of a zoo model."""
+    return nn.meta.unbox(boxed_shapes(model))
+
+
+def logical_axes(model: nn.Module) -> Any:
+    """A tree of ``PartitionSpec`` with logical axis names (embed, heads, kv, mlp, vocab, norm)."""
+    return nn.get_partition_spec(boxed_shapes(model))
+
+
+def init_params(model: nn.Module, rng: jax.Array) -> Any:
+    """Randomly initialised (unboxed) params of a zoo model."""
+    return nn.meta.unbox(model.init(rng, *dummy_inputs(model))["params"])
+
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "BertConfig",
+    "BertForSequenceClassification",
+    "BertModel",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "abstract_params",
+    "from_hf_config",
+    "hf_config",
+    "hf_module",
+    "hf_table",
+    "hf_tensor",
+    "init_params",
+    "logical_axes",
+]
