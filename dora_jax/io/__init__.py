@@ -1,6 +1,16 @@
-"""Files in and out: HF safetensors checkpoints and tokenizers."""
+"""Files in and out: HF safetensors checkpoints, tokenizers, PEFT adapter directories."""
 
 from dora_jax.io.hf import load_hf, load_tokenizer, read_config, save_hf
+from dora_jax.io.peft import export_peft, import_peft
 from dora_jax.io.safetensors_dir import CheckpointError, SafetensorsDirectory
 
-__all__ = ["CheckpointError", "SafetensorsDirectory", "load_hf", "load_tokenizer", "read_config", "save_hf"]
+__all__ = [
+    "CheckpointError",
+    "SafetensorsDirectory",
+    "export_peft",
+    "import_peft",
+    "load_hf",
+    "load_tokenizer",
+    "read_config",
+    "save_hf",
+]

@@ -1,0 +1,231 @@
+"""PEFT adapters both ways and merged HF export, checked against PEFT and transformers in PyTorch."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import dora_jax as dj
+from dora_jax import io
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+LLAMA = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+BERT = dict(vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", LLAMA, r".*/(q_proj|k_proj|v_proj|up_proj|down_proj)/kernel"),
+    "bert": ("BertConfig", "BertModel", BERT, r".*/attention/(query|value)/kernel|.*/output/dense/kernel"),
+}
+
+
+def hf_model(directory, family):
+    config_name, model_name, kwargs, _ = FAMILIES[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**kwargs, attn_implementation="eager"))
+    model.eval().save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+def batch(vocab):
+    ids = np.random.default_rng(0).integers(2, vocab, size=(2, 10))
+    mask = np.ones_like(ids)
+    mask[1, -3:] = 0
+    return ids, mask
+
+
+def torch_output(model, ids, mask):
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()
+
+
+def trained_adapters(model, params, cfg, ids, mask, steps=3):
+    """A few AdamW steps on a fixed regression target so that B != 0 and m has moved."""
+    f = dj.inject(model.apply, cfg)
+    target = jax.random.normal(jax.random.key(9), model.apply({"params": params}, ids, attention_mask=mask).shape)
+
+    def loss(adapters, frozen, batch, rng):
+        return jnp.mean((f(frozen, adapters, batch[0], attention_mask=batch[1]) - target) ** 2)
+
+    tx = optax.adamw(1e-2)
+    step = jax.jit(dj.optim.make_train_step(loss, tx))
+    adapters = dj.init_adapters(jax.random.key(0), params, cfg)
+    state = tx.init(adapters)
+    for i in range(steps):
+        adapters, state, _ = step(adapters, params, state, (ids, mask), jax.random.key(i))
+    return adapters
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("method", ["dora", "lora"])
+def test_jax_adapters_load_in_peft_with_the_same_outputs(tmp_path, family, method):
+    reference = hf_model(tmp_path / "base", family)
+    model, params = io.load_hf(tmp_path / "base")
+    cfg = dj.AdapterConfig(method=method, rank=4, alpha=8, targets=FAMILIES[family][3])
+    ids, mask = batch(FAMILIES[family][2]["vocab_size"])
+    adapters = trained_adapters(model, params, cfg, jnp.asarray(ids), jnp.asarray(mask))
+    assert (
+        float(jnp.abs(dj.core.adapter_entries(adapters)[next(iter(dj.core.adapter_entries(adapters)))]["b"]).max()) > 0
+    )
+    io.export_peft(adapters, cfg, tmp_path / "adapter", model=model)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is (method == "dora") and config["peft_type"] == "LORA" and config["r"] == 4
+    adapted = peft.PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
+    ours = dj.inject(model.apply, cfg)(params, adapters, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    keep = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(ours)[keep], torch_output(adapted, ids, mask)[keep], rtol=1e-4, atol=1e-4)
+    base = np.asarray(model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    assert np.abs(np.asarray(ours)[keep] - base[keep]).max() > 1e-3  # the adapter really changes the model
+
+
+def peft_trained(directory, family, use_dora):
+    """A PEFT adapter whose B and magnitude are moved off their init, saved by PEFT itself."""
+    reference = hf_model(directory / "base", family)
+    modules = {"llama": ["q_proj", "v_proj", "down_proj"], "bert": ["query", "value"]}[family]
+    config = peft.LoraConfig(r=4, lora_alpha=16, use_dora=use_dora, use_rslora=True, target_modules=modules)
+    adapted = peft.get_peft_model(reference, config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_" in name:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    adapted.eval().save_pretrained(directory / "adapter")
+    return adapted
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("use_dora", [True, False])
+def test_peft_adapters_import_with_the_same_outputs(tmp_path, family, use_dora):
+    adapted = peft_trained(tmp_path, family, use_dora)
+    model, params = io.load_hf(tmp_path / "base")
+    adapters, cfg = io.import_peft(tmp_path / "adapter", params, model=model)
+    assert cfg.method == ("dora" if use_dora else "lora") and cfg.rslora and cfg.scale == 8.0
+    ids, mask = batch(FAMILIES[family][2]["vocab_size"])
+    ours = dj.inject(model.apply, cfg)(params, adapters, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    keep = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(ours)[keep], torch_output(adapted, ids, mask)[keep], rtol=1e-4, atol=1e-4)
+
+
+def test_import_then_export_keeps_every_tensor_byte_for_byte(tmp_path):
+    peft_trained(tmp_path, "llama", use_dora=True)
+    model, params = io.load_hf(tmp_path / "base")
+    adapters, cfg = io.import_peft(tmp_path / "adapter", params, model=model)
+    io.export_peft(adapters, cfg, tmp_path / "again", model=model)
+    original = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    again = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert sorted(original) == sorted(again)
+    for key in original:
+        assert original[key].dtype == again[key].dtype and original[key].tobytes() == again[key].tobytes(), key
+    config = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_merged_export_loads_in_transformers_without_peft(tmp_path, family):
+    hf_model(tmp_path / "base", family)
+    model, params = io.load_hf(tmp_path / "base")
+    cfg = dj.AdapterConfig(rank=4, alpha=8, targets=FAMILIES[family][3])
+    ids, mask = batch(FAMILIES[family][2]["vocab_size"])
+    adapters = trained_adapters(model, params, cfg, jnp.asarray(ids), jnp.asarray(mask))
+    io.save_hf(model, dj.merge(params, adapters, cfg), tmp_path / "merged")
+    merged = getattr(transformers, FAMILIES[family][1]).from_pretrained(tmp_path / "merged").eval()
+    ours = dj.inject(model.apply, cfg)(params, adapters, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    keep = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(ours)[keep], torch_output(merged, ids, mask)[keep], rtol=1e-4, atol=1e-4)
+
+
+def test_partial_layer_selection_exports_a_regex_that_peft_honours(tmp_path):
+    reference = hf_model(tmp_path / "base", "llama")
+    model, params = io.load_hf(tmp_path / "base")
+    cfg = dj.AdapterConfig(rank=4, targets=r"layers_1/self_attn/q_proj/kernel")
+    ids, mask = batch(LLAMA["vocab_size"])
+    adapters = trained_adapters(model, params, cfg, jnp.asarray(ids), jnp.asarray(mask))
+    io.export_peft(adapters, cfg, tmp_path / "adapter", model=model)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == r"model\.layers\.1\.self_attn\.q_proj"
+    adapted = peft.PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
+    ours = dj.inject(model.apply, cfg)(params, adapters, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    keep = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(ours)[keep], torch_output(adapted, ids, mask)[keep], rtol=1e-4, atol=1e-4)
+    _, imported_cfg = io.import_peft(tmp_path / "adapter", params, model=model)
+    assert imported_cfg.targets == r"layers_1/self_attn/q_proj/kernel"
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def adapter_dir(tmp_path):
+    peft_trained(tmp_path, "llama", use_dora=True)
+    model, params = io.load_hf(tmp_path / "base")
+    return tmp_path / "adapter", model, params
+
+
+def edit_config(directory, **changes):
+    path = directory / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"fan_in_fan_out": True}, r"fan_in_fan_out=True is not supported"),
+        ({"bias": "all"}, r"bias='all' is not supported \(supported: 'none'\)"),
+        ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\] is not supported"),
+        ({"rank_pattern": {"q_proj": 8}}, r"rank_pattern=\{'q_proj': 8\} is not supported"),
+        ({"peft_type": "IA3"}, r"peft_type 'IA3' is not supported; supported: \['LORA'\]"),
+    ],
+)
+def test_unsupported_peft_options_are_refused(adapter_dir, changes, message):
+    directory, model, params = adapter_dir
+    edit_config(directory, **changes)
+    with pytest.raises(dj.ConfigError, match=message):
+        io.import_peft(directory, params, model=model)
+
+
+def test_key_that_maps_to_no_kernel_is_named(adapter_dir):
+    directory, model, params = adapter_dir
+    tensors = load_file(directory / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"] = np.zeros((4, 64), np.float32)
+    save_file(tensors, directory / "adapter_model.safetensors")
+    with pytest.raises(
+        dj.TargetError, match=r"key 'base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight' maps"
+    ):
+        io.import_peft(directory, params, model=model)
+
+
+def test_shape_mismatch_names_the_key_and_both_shapes(adapter_dir):
+    directory, model, params = adapter_dir
+    tensors = load_file(directory / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"] = np.zeros((64, 4), np.float32)
+    save_file(tensors, directory / "adapter_model.safetensors")
+    with pytest.raises(
+        dj.ShapeError,
+        match=r"'base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight' has shape \(64, 4\); "
+        r"r=4 and the kernel 'layers_0/self_attn/v_proj/kernel' of shape \(64, 32\) need \(32, 4\)",
+    ):
+        io.import_peft(directory, params, model=model)
+
+
+def test_magnitude_missing_from_a_dora_adapter_is_named(adapter_dir):
+    directory, model, params = adapter_dir
+    tensors = load_file(directory / "adapter_model.safetensors")
+    del tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"]
+    save_file(tensors, directory / "adapter_model.safetensors")
+    with pytest.raises(
+        io.CheckpointError, match=r"module 'model.layers.0.self_attn.q_proj' lacks \[.*lora_magnitude_vector'\]"
+    ):
+        io.import_peft(directory, params, model=model)
