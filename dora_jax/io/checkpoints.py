@@ -1,0 +1,39 @@
+"""Orbax training checkpoints: trainable state, optimizer state and step, plus JSON run metadata.
+
+Never the frozen base weights: a checkpoint of a DoRA run holds A, B, m and their optimizer
+state only. The metadata holds the data-iterator position and what the summary needs.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+    """keep-last-N, optionally asynchronous checkpoints under ``directory``."""
+
+    def __init__(self, directory: str | pathlib.Path, keep: int, async_save: bool):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        self.manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        )
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """The state at ``step``, placed with the shardings of ``abstract_state``, and its metadata."""
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        )
+        return restored.state, restored.meta
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,141 @@
+"""The schema of a training run: every key ``python -m dora_jax.train`` reads, with its default.
+
+``defaults()`` is the offline default experiment (configs/default.py returns it); other configs
+start from it and override. ``check(config)`` rejects keys the schema lacks, naming the valid ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from dora_jax.core import AdapterConfig
+from dora_jax.errors import ConfigError
+
+METHODS = ("dora", "lora", "full")
+# Keys that may change between a run and its resumption: they do not change what is computed.
+RUNTIME_KEYS = ("train.stop_at", "train.log_every", "train.progress_bar", "checkpoint.async_save")
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """The default run: DoRA on a synthetic task over a small Llama built on first use."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # everything random (init, dropout, data order) derives from it
+    c.distributed = False  # call jax.distributed.initialize() (multi-host)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.hf_dir = ""  # local HF directory of the base model; "" = the synthetic base below
+    c.model.dtype = "float32"  # dtype of the params
+    c.model.compute_dtype = "float32"  # dtype of activations (bfloat16 on accelerators)
+    c.model.base = ml_collections.ConfigDict()  # the synthetic base, built on first use and cached
+    c.model.base.cache_dir = ""  # where to keep it; "" = $DORA_JAX_CACHE or ~/.cache/dora_jax
+    c.model.base.task = "copy"  # synthetic task it is pretrained on
+    c.model.base.steps = 400  # pretraining steps (0: random weights)
+    c.model.base.batch_size = 64
+    c.model.base.learning_rate = 3e-3
+    c.model.base.architecture = dict(  # HF config.json of the base model
+        model_type="llama",
+        vocab_size=16,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+
+    c.adapter = ml_collections.ConfigDict()
+    c.adapter.method = "dora"  # dora | lora | full (full fine-tuning, the baseline)
+    c.adapter.rank = 8
+    c.adapter.alpha = 16.0
+    c.adapter.targets = r".*/(q_proj|k_proj|v_proj|up_proj|down_proj)/kernel"  # the paper's q,k,v,up,down
+    c.adapter.dropout = 0.0
+    c.adapter.norm_grad = "detach"  # detach (paper 4.3, PEFT) | exact
+    c.adapter.rslora = False
+    c.adapter.init = "kaiming_uniform"
+    c.adapter.dtype = "float32"  # adapters stay float32 under bfloat16 compute
+    c.adapter.input_axes = {}
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"  # synthetic (offline)
+    c.data.task = "shift"  # the task adapted to; the base knows only model.base.task
+    c.data.length = 8  # digits per sequence
+    c.data.num_symbols = 10
+    c.data.eval_batches = 4  # held-out batches per evaluation
+    c.data.eval_batch_size = 128
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 200  # optimizer steps
+    c.train.batch_size = 32  # global batch (sequences) per optimizer step
+    c.train.grad_accum = 1  # micro-batches per step (batch_size must divide by it)
+    c.train.learning_rate = 5e-3
+    c.train.schedule = "cosine"  # cosine | linear | constant, after warmup
+    c.train.warmup_steps = 20
+    c.train.end_learning_rate_ratio = 0.0  # final lr / peak lr
+    c.train.weight_decay = 0.0
+    c.train.decay_magnitude = True  # weight decay on m too (PEFT decays every trainable tensor)
+    c.train.clip_norm = 1.0  # global gradient-norm clipping (0: off)
+    c.train.eval_every = 50
+    c.train.log_every = 10
+    c.train.progress_bar = True
+    c.train.stop_at = 0  # stop this invocation after this step (0: run to train.steps); resume later
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all remaining devices
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.rules = ()  # logical-axis rules ((name, mesh axis), ...); () = parallel.DEFAULT_RULES
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 100  # steps between checkpoints (and one at the end)
+    c.checkpoint.keep = 2  # newest checkpoints kept
+    c.checkpoint.async_save = True
+
+    c.export = ml_collections.ConfigDict()
+    c.export.peft = True  # adapter directory in PEFT format at workdir/adapter
+    c.export.merged = False  # merged HF model at workdir/merged
+    return c
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict) and not path.endswith(("architecture", "input_axes")):
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+    return out
+
+
+def flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Dotted key -> value, the form configs are compared and stored in."""
+    return _flatten(config)
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for a key the schema lacks or a method outside its choices."""
+    valid = flat(defaults())
+    for key in flat(config):
+        if key not in valid:
+            section = key.rpartition(".")[0]
+            siblings = sorted(k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == section)
+            raise ConfigError(
+                f"config key {key!r} is unknown; valid keys in {section or 'the top level'!r}: {siblings}"
+            )
+    if config.adapter.method not in METHODS:
+        raise ConfigError(f"adapter.method: expected one of {METHODS}; got {config.adapter.method!r}")
+
+
+def adapter_config(config: ml_collections.ConfigDict) -> AdapterConfig | None:
+    """The AdapterConfig of a run, or None for full fine-tuning."""
+    if config.adapter.method == "full":
+        return None
+    return AdapterConfig.from_dict(config.adapter)
+
+
+def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between two flat configs, ignoring RUNTIME_KEYS."""
+    keys = sorted((set(stored) | set(current)) - set(RUNTIME_KEYS))
+    return [k for k in keys if stored.get(k) != current.get(k)]

@@ -1,0 +1,459 @@
+"""The training CLI: ``python -m dora_jax.train --config=configs/default.py --workdir=DIR``.
+
+``train_and_evaluate(config, workdir)`` holds the loop: it loads the base model (an HF directory,
+or the synthetic base it builds on first use), shards params, adapters and optimizer state over a
+(data, fsdp, tensor) mesh, runs one jitted pure ``train_step`` per optimizer step, evaluates,
+logs (stdout, ``metrics.jsonl``, TensorBoard), checkpoints with Orbax and resumes from the latest
+checkpoint, and exports the adapter (PEFT format) and, on request, the merged model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dora_jax import data as data_lib
+from dora_jax import io, models, parallel, run_config
+from dora_jax.core import init_adapters, merge
+from dora_jax.errors import ConfigError, DoraError
+from dora_jax.inject import inject
+from dora_jax.io.checkpoints import Checkpoints
+from dora_jax.metrics_writer import MetricsWriter
+
+log = logging.getLogger("dora_jax.train")
+
+
+# --- the base model -----------------------------------------------------------------------------
+
+
+def synthetic_base_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
+    """Where the synthetic base of ``config`` is cached: one folder per distinct recipe."""
+    recipe = {
+        "base": {k: v for k, v in run_config.flat(config.model.base).items() if k != "cache_dir"},
+        "data": [config.data.length, config.data.num_symbols],
+        "seed": config.seed,
+    }
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    root = (
+        config.model.base.cache_dir or os.environ.get("DORA_JAX_CACHE") or pathlib.Path.home() / ".cache" / "dora_jax"
+    )
+    return pathlib.Path(root) / f"synthetic-base-{digest}"
+
+
+def build_synthetic_base(config: ml_collections.ConfigDict) -> pathlib.Path:
+    """Pretrains the small base model on ``model.base.task`` once and caches it as an HF directory."""
+    target = synthetic_base_dir(config)
+    if (target / "config.json").exists():
+        return target
+    base = config.model.base
+    pretrain = run_config.defaults()
+    pretrain.seed = config.seed
+    pretrain.model.hf_dir = "random"
+    pretrain.model.base = config.model.base
+    pretrain.adapter.method = "full"
+    pretrain.data = config.data
+    pretrain.data.task = base.task
+    pretrain.train.update(steps=base.steps, batch_size=base.batch_size, learning_rate=base.learning_rate)
+    pretrain.train.warmup_steps = min(50, base.steps // 4)
+    pretrain.train.eval_every = max(base.steps, 1)
+    pretrain.train.progress_bar = config.train.progress_bar
+    pretrain.checkpoint.every = max(base.steps, 1)
+    pretrain.mesh = config.mesh
+    print(f"building the synthetic base model: {base.steps} steps of {base.task!r} -> {target}", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".building-") as tmp:
+        train_and_evaluate(pretrain, tmp)
+        os.replace(pathlib.Path(tmp) / "model", target)
+    return target
+
+
+def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    """(model, params) of the run's base model, params in ``model.dtype``."""
+    dtype, compute = jnp.dtype(config.model.dtype), jnp.dtype(config.model.compute_dtype)
+    if config.model.hf_dir == "random":
+        model = models.from_hf_config(config.model.base.architecture.to_dict(), dtype=compute, param_dtype=dtype)
+        return model, models.init_params(model, jax.random.key(config.seed))
+    hf_dir = config.model.hf_dir or build_synthetic_base(config)
+    return io.load_hf(hf_dir, dtype=dtype, compute_dtype=compute)
+
+
+# --- the pure steps -----------------------------------------------------------------------------
+
+
+def lm_metrics(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Masked next-token cross-entropy and the sums behind token accuracy and exact match."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
+    mask = batch["loss_mask"]
+    tokens = jnp.maximum(mask.sum(), 1.0)
+    correct = (logits.argmax(-1) == batch["targets"]) * mask
+    exact = jnp.all((correct == mask), axis=-1) & (mask.sum(-1) > 0)
+    sums = {
+        "nll": (nll * mask).sum(),
+        "correct": correct.sum(),
+        "tokens": mask.sum(),
+        "exact": exact.sum(),
+        "sequences": (mask.sum(-1) > 0).sum(),
+    }
+    return (nll * mask).sum() / tokens, sums
+
+
+def make_forward(model: Any, adapter_cfg: Any):
+    """forward(trainable, frozen, inputs, rng) -> logits, for full fine-tuning or adapters."""
+    if adapter_cfg is None:
+        return lambda trainable, frozen, inputs, rng: model.apply({"params": trainable}, inputs)
+    adapted = inject(model.apply, adapter_cfg)
+    return lambda trainable, frozen, inputs, rng: adapted(frozen, trainable, inputs, dropout_rng=rng)
+
+
+def make_train_step(forward, tx: optax.GradientTransformation, grad_accum: int):
+    """train_step(state, frozen, batch, rng) -> (state, metrics); only state["trainable"] is differentiated."""
+
+    def loss_fn(trainable, frozen, batch, rng):
+        return lm_metrics(forward(trainable, frozen, batch["inputs"], rng), batch)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, frozen, batch, rng):
+        if grad_accum == 1:
+            (loss, sums), grads = grad_fn(state["trainable"], frozen, batch, rng)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+
+            def accumulate(carry, xs):
+                index, micro_batch = xs
+                out = grad_fn(state["trainable"], frozen, micro_batch, jax.random.fold_in(rng, index))
+                return jax.tree.map(jnp.add, carry, out), None
+
+            first = jax.tree.map(lambda x: x[0], micro)
+            shapes = jax.eval_shape(grad_fn, state["trainable"], frozen, first, rng)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            ((loss, sums), grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
+            loss, grads = loss / grad_accum, jax.tree.map(lambda g: g / grad_accum, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **sums}
+        return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, metrics
+
+    return train_step
+
+
+def make_eval_step(forward):
+    def eval_step(trainable, frozen, batch):
+        return lm_metrics(forward(trainable, frozen, batch["inputs"], None), batch)[1]
+
+    return eval_step
+
+
+def make_optimizer(config: ml_collections.ConfigDict, trainable: Any) -> optax.GradientTransformation:
+    """AdamW with warmup and a cosine/linear/constant schedule, clipping and a weight-decay mask."""
+    t = config.train
+    decay_steps = max(t.steps - t.warmup_steps, 1)
+    end = t.learning_rate * t.end_learning_rate_ratio
+    after = {
+        "cosine": optax.cosine_decay_schedule(t.learning_rate, decay_steps, alpha=t.end_learning_rate_ratio),
+        "linear": optax.linear_schedule(t.learning_rate, end, decay_steps),
+        "constant": optax.constant_schedule(t.learning_rate),
+    }
+    if t.schedule not in after:
+        raise ConfigError(f"train.schedule: expected one of {sorted(after)}; got {t.schedule!r}")
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps), after[t.schedule]], [t.warmup_steps]
+    )
+    decay_mask = jax.tree_util.tree_map_with_path(
+        lambda kp, leaf: leaf.ndim >= 2 or (t.decay_magnitude and kp[-1].key == "m"), trainable
+    )
+    chain = [optax.clip_by_global_norm(t.clip_norm)] if t.clip_norm > 0 else []
+    return optax.chain(*chain, optax.adamw(schedule, weight_decay=t.weight_decay, mask=decay_mask))
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def _check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    """Refuses a workdir that holds a run of another config; records the config of a new run."""
+    current = json.loads(json.dumps(run_config.flat(config)))
+    path = workdir / "config.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        changed = run_config.differences(stored, current)
+        if changed:
+            details = "; ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in changed[:10])
+            raise ConfigError(
+                f"{workdir} holds a run of another config ({len(changed)} keys differ: {details}); "
+                "use a new --workdir or the same config"
+            )
+    elif jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(current, indent=2, sort_keys=True))
+
+
+def _global_batch(rows: dict[str, np.ndarray], sharding: Any, global_rows: int) -> dict[str, jax.Array]:
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (global_rows,) + v.shape[1:]) for k, v in rows.items()
+    }
+
+
+def _summarise(sums: dict[str, Any]) -> dict[str, float]:
+    sums = {k: float(v) for k, v in sums.items()}
+    return {
+        "loss": sums["nll"] / max(sums["tokens"], 1.0),
+        "token_accuracy": sums["correct"] / max(sums["tokens"], 1.0),
+        "exact_match": sums["exact"] / max(sums["sequences"], 1.0),
+    }
+
+
+def count_params(tree: Any) -> int:
+    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a run's loop uses, built from its config: mesh, model, data, jitted steps, state."""
+
+    config: ml_collections.ConfigDict
+    mesh: Any
+    model: Any
+    source: Any
+    adapter_cfg: Any
+    params: Any
+    frozen: Any
+    state: Any
+    state_sharding: Any
+    batch_sharding: Any
+    train_step: Any
+    eval_step: Any
+
+    def batch(self, index: int) -> dict[str, jax.Array]:
+        """Global training batch ``index``, assembled from this host's rows."""
+        size = self.config.train.batch_size
+        rows = self.source.batch(index, size, jax.process_index(), jax.process_count())
+        return _global_batch(rows, self.batch_sharding, size)
+
+    def step_rng(self, step: int) -> jax.Array:
+        return jax.random.fold_in(jax.random.key(self.config.seed), step)
+
+    def evaluate(self, trainable: Any) -> dict[str, float]:
+        totals = None
+        for rows in self.source.eval_batches():
+            batch = _global_batch(rows, self.batch_sharding, self.config.data.eval_batch_size)
+            sums = self.eval_step(trainable, self.frozen, batch)
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        return _summarise(totals)
+
+
+def build(config: ml_collections.ConfigDict) -> Run:
+    """Checks ``config`` and builds its mesh, model, shardings, jitted steps and initial state."""
+    run_config.check(config)
+    if config.distributed:
+        jax.distributed.initialize()
+    mesh = parallel.make_mesh({axis: config.mesh[axis] for axis in parallel.AXES})
+    rules = parallel.rules_from(config.mesh.rules)
+    parallel.check_batch(config.train.batch_size, mesh)
+    parallel.check_batch(config.data.eval_batch_size, mesh, "data.eval_batch_size")
+    if config.train.batch_size % config.train.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} is not divisible by train.grad_accum={config.train.grad_accum}"
+        )
+    source = data_lib.make_source(config.data, config.seed)
+    model, params = load_base(config)
+    if source.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"data needs a vocabulary of {source.vocab_size}; the model has {model.config.vocab_size}")
+    logical = models.logical_axes(model)
+    param_sharding = parallel.param_shardings(logical, params, mesh, rules)
+    params = jax.device_put(params, param_sharding)
+    adapter_cfg = run_config.adapter_config(config)
+    if adapter_cfg is None:
+        trainable, frozen, trainable_sharding, frozen_sharding = params, None, param_sharding, None
+    else:
+        adapters = init_adapters(jax.random.key(config.seed), params, adapter_cfg)
+        trainable_sharding = parallel.adapter_shardings(adapters, logical, mesh, rules)
+        trainable, frozen, frozen_sharding = jax.device_put(adapters, trainable_sharding), params, param_sharding
+
+    tx = make_optimizer(config, trainable)
+    replicated = parallel.replicated(mesh)
+    opt_sharding = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        jax.eval_shape(tx.init, trainable),
+        trainable_sharding,
+        transform_non_params=lambda _: replicated,
+    )
+    state_sharding = {"step": replicated, "trainable": trainable_sharding, "opt_state": opt_sharding}
+    batch_sharding = parallel.batch_sharding(mesh)
+    forward = make_forward(model, adapter_cfg)
+    train_step = jax.jit(
+        make_train_step(forward, tx, config.train.grad_accum),
+        in_shardings=(state_sharding, frozen_sharding, batch_sharding, replicated),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=(0,),
+    )
+    eval_step = jax.jit(
+        make_eval_step(forward),
+        in_shardings=(trainable_sharding, frozen_sharding, batch_sharding),
+        out_shardings=replicated,
+    )
+    init_state = jax.jit(
+        lambda t: {"step": jnp.zeros((), jnp.int32), "trainable": t, "opt_state": tx.init(t)},
+        out_shardings=state_sharding,
+    )
+    return Run(
+        config,
+        mesh,
+        model,
+        source,
+        adapter_cfg,
+        params,
+        frozen,
+        init_state(trainable),
+        state_sharding,
+        batch_sharding,
+        train_step,
+        eval_step,
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Trains (or resumes) the run of ``config`` in ``workdir`` and returns its summary."""
+    workdir = pathlib.Path(workdir)
+    run = build(config)
+    _check_workdir(workdir, config)
+    checkpoints = Checkpoints(workdir / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
+    latest = checkpoints.latest_step()
+    state = run.state
+    if latest is None:
+        meta = {"before": run.evaluate(state["trainable"]), "seed": config.seed}
+    else:
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, run.state_sharding
+        )
+        state, meta = checkpoints.restore(latest, abstract)
+        print(f"resumed from {workdir / 'checkpoints'} at step {latest}", flush=True)
+    start = int(state["step"])
+    stop = min(config.train.steps, config.train.stop_at or config.train.steps)
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    if latest is None:
+        writer.write(0, {f"eval/{k}": v for k, v in meta["before"].items()})
+    trainable_count = count_params(state["trainable"])
+    total_count = count_params(run.params) + (trainable_count if run.adapter_cfg is not None else 0)
+    tokens_per_step = config.train.batch_size * run.source.seq_len
+    bar = writer.progress(total=config.train.steps, initial=start, enabled=config.train.progress_bar)
+    speeds, window, window_steps, window_start = [], None, 0, time.perf_counter()
+    for step in range(start, stop):
+        state, metrics = run.train_step(state, run.frozen, run.batch(step), run.step_rng(step))
+        window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
+        window_steps += 1
+        done = step + 1
+        if done % config.train.log_every == 0 or done == stop:
+            scalars = {"train/" + k: v for k, v in _summarise(window).items()}
+            scalars["train/grad_norm"] = float(window["grad_norm"]) / window_steps
+            scalars["train/tokens_per_s"] = tokens_per_step * window_steps / (time.perf_counter() - window_start)
+            speeds.append(scalars["train/tokens_per_s"])
+            writer.write(done, scalars)
+            bar.update_to(done, loss=scalars["train/loss"], tokens_per_s=scalars["train/tokens_per_s"])
+            window, window_steps, window_start = None, 0, time.perf_counter()
+        if done % config.train.eval_every == 0 and done != config.train.steps:
+            writer.write(done, {f"eval/{k}": v for k, v in run.evaluate(state["trainable"]).items()})
+        if done % config.checkpoint.every == 0 or done == stop:
+            checkpoints.save(done, state, {**meta, "data_index": done})
+    bar.close()
+    checkpoints.close()
+    final_step = int(state["step"])
+    summary = {
+        "method": config.adapter.method,
+        "step": final_step,
+        "steps": config.train.steps,
+        "trainable_params": trainable_count,
+        "total_params": total_count,
+        "trainable_share": trainable_count / total_count,
+        "before": meta["before"],
+    }
+    if final_step < config.train.steps:
+        print(f"stopped at step {final_step} of {config.train.steps}; run again to resume", flush=True)
+        writer.close()
+        return summary
+    summary["after"] = run.evaluate(state["trainable"])
+    summary["tokens_per_s"] = float(np.median(speeds)) if speeds else None
+    writer.write(final_step, {f"eval/{k}": v for k, v in summary["after"].items()})
+    writer.close()
+    if jax.process_index() == 0:
+        _export(config, run.model, run.params, run.adapter_cfg, jax.device_get(state["trainable"]), workdir)
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(_report(summary, workdir), flush=True)
+    return summary
+
+
+def _export(config, model, params, adapter_cfg, trainable, workdir: pathlib.Path) -> None:
+    if adapter_cfg is None:
+        io.save_hf(model, trainable, workdir / "model")
+        return
+    if config.export.peft:
+        io.export_peft(
+            trainable,
+            adapter_cfg,
+            workdir / "adapter",
+            model=model,
+            base_model_name_or_path=config.model.hf_dir or None,
+        )
+    if config.export.merged:
+        io.save_hf(model, merge(jax.device_get(params), trainable, adapter_cfg), workdir / "merged")
+
+
+def _report(summary: dict[str, Any], workdir: pathlib.Path) -> str:
+    before, after = summary["before"], summary["after"]
+    lines = [
+        f"{summary['method']}: {summary['trainable_params']:,} trainable of {summary['total_params']:,} parameters "
+        f"({100 * summary['trainable_share']:.2f}%)",
+        f"  eval exact match  {before['exact_match']:.3f} -> {after['exact_match']:.3f}",
+        f"  eval token acc.   {before['token_accuracy']:.3f} -> {after['token_accuracy']:.3f}",
+        f"  eval loss         {before['loss']:.4f} -> {after['loss']:.4f}",
+        f"  written to {workdir}",
+    ]
+    return "\n".join(lines)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    from absl import app, flags
+    from absl import logging as absl_logging
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.")
+    workdir_flag = flags.DEFINE_string("workdir", None, "Directory for everything the run writes.", required=True)
+
+    def parse(args):
+        try:
+            return flags.FLAGS(args)
+        except (flags.Error, AttributeError, KeyError, ValueError) as err:
+            message = str(err).replace("\\n", " ").strip("'\"")
+            sys.exit(f"dora_jax.train: bad flag: {message}")
+
+    def run(_):
+        logging.basicConfig(level=logging.WARNING)
+        absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
+        try:
+            train_and_evaluate(config_flag.value, workdir_flag.value)
+        except DoraError as err:
+            sys.exit(f"dora_jax.train: {err}")
+
+    app.run(run, argv=argv, flags_parser=parse)
+
+
+if __name__ == "__main__":
+    main()
