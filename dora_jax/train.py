@@ -146,7 +146,7 @@ def make_train_step(forward, tx: optax.GradientTransformation, grad_accum: int):
             loss, grads = loss / grad_accum, jax.tree.map(lambda g: g / grad_accum, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **sums}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **sums}
         return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, metrics
 
     return train_step

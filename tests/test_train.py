@@ -1,0 +1,193 @@
+"""The training CLI: end to end on the default task, resume, methods, meshes on 8 CPU devices, errors."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from dora_jax import io, run_config, train
+from dora_jax.errors import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("base-cache")
+
+
+def small(cache_dir, **overrides):
+    """The default config shrunk to seconds: a 40-step base and 10 adaptation steps."""
+    c = run_config.defaults()
+    c.model.base.cache_dir = str(cache_dir)
+    c.model.base.steps = 40
+    c.train.update(steps=10, batch_size=16, eval_every=5, log_every=1, progress_bar=False, warmup_steps=2)
+    c.data.update(eval_batches=1, eval_batch_size=32)
+    c.checkpoint.update(every=5, async_save=False)
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        c[section][name] = value
+    return c
+
+
+def metrics(workdir):
+    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(workdir):
+    return {row["step"]: row["train/loss"] for row in metrics(workdir) if "train/loss" in row}
+
+
+def test_run_writes_metrics_checkpoints_and_a_peft_adapter(tmp_path, cache_dir):
+    summary = train.train_and_evaluate(small(cache_dir), tmp_path)
+    assert summary["after"]["loss"] < summary["before"]["loss"]
+    assert 0 < summary["trainable_share"] < 0.2 and summary["step"] == 10
+    assert sorted(train_losses(tmp_path)) == list(range(1, 11))
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "5"]
+    model, params = io.load_hf(train.synthetic_base_dir(small(cache_dir)))
+    adapters, cfg = io.import_peft(tmp_path / "adapter", params, model=model)
+    assert cfg.method == "dora" and cfg.rank == 8 and len(jax.tree.leaves(adapters)) == 3 * 5 * 2
+    assert json.loads((tmp_path / "summary.json").read_text())["after"] == summary["after"]
+
+
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, cache_dir):
+    train.train_and_evaluate(small(cache_dir), tmp_path / "straight")
+    stopped = train.train_and_evaluate(small(cache_dir, **{"train.stop_at": 5}), tmp_path / "resumed")
+    assert stopped["step"] == 5 and "after" not in stopped
+    assert not (tmp_path / "resumed" / "adapter").exists()
+    train.train_and_evaluate(small(cache_dir), tmp_path / "resumed")
+    straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
+    assert straight == resumed  # exact floats: the data iterator and RNG resume where they stopped
+    for name in ("adapter_model.safetensors",):
+        assert (tmp_path / "straight" / "adapter" / name).read_bytes() == (
+            tmp_path / "resumed" / "adapter" / name
+        ).read_bytes()
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_lora_and_full_fine_tuning_learn_the_task(tmp_path, cache_dir, method):
+    summary = train.train_and_evaluate(small(cache_dir, **{"adapter.method": method}), tmp_path)
+    assert summary["after"]["loss"] < 0.85 * summary["before"]["loss"]
+    if method == "full":
+        assert summary["trainable_share"] == 1.0 and (tmp_path / "model" / "config.json").exists()
+
+
+def test_merged_export_is_written_on_request(tmp_path, cache_dir):
+    train.train_and_evaluate(small(cache_dir, **{"export.merged": True}), tmp_path)
+    model, merged = io.load_hf(tmp_path / "merged")
+    assert model.config.num_hidden_layers == 2 and jax.tree.leaves(merged)
+
+
+def test_gradient_accumulation_matches_the_full_batch(cache_dir):
+    losses = {}
+    for accum in (1, 4):
+        run = train.build(small(cache_dir, **{"train.grad_accum": accum}))
+        state, out = run.state, []
+        for step in range(4):
+            state, m = run.train_step(state, run.frozen, run.batch(step), run.step_rng(step))
+            out.append(float(m["loss"]))
+        losses[accum] = out
+    np.testing.assert_allclose(losses[4], losses[1], rtol=1e-5)
+
+
+def test_workdir_holding_another_config_is_refused(tmp_path, cache_dir):
+    train.train_and_evaluate(small(cache_dir, **{"train.stop_at": 2}), tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"holds a run of another config \(1 keys differ: train.learning_rate: 0.005 -> 0.001\)"
+    ):
+        train.train_and_evaluate(small(cache_dir, **{"train.learning_rate": 1e-3}), tmp_path)
+    assert train_losses(tmp_path) == {1: train_losses(tmp_path)[1], 2: train_losses(tmp_path)[2]}  # nothing lost
+
+
+def test_unknown_config_key_names_the_valid_keys(tmp_path, cache_dir):
+    c = small(cache_dir)
+    c.train.stepz = 3
+    with pytest.raises(ConfigError, match=r"config key 'train.stepz' is unknown; valid keys in 'train': \[.*'steps'"):
+        train.train_and_evaluate(c, tmp_path)
+
+
+def test_unknown_method_lists_the_choices(tmp_path, cache_dir):
+    with pytest.raises(ConfigError, match=r"adapter.method: expected one of \('dora', 'lora', 'full'\); got 'ia3'"):
+        train.train_and_evaluate(small(cache_dir, **{"adapter.method": "ia3"}), tmp_path)
+
+
+def test_cli_reports_a_bad_override_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dora_jax.train",
+            "--config=configs/default.py",
+            f"--workdir={tmp_path}",
+            "--config.train.stepz=3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "dora_jax.train: bad flag" in result.stderr and "steps" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def eight_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "multidevice.py")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS "))
+    return json.loads(line.removeprefix("RESULTS "))
+
+
+@pytest.mark.parametrize("method", ["dora", "full"])
+def test_data_fsdp_and_tensor_meshes_give_the_losses_of_one_device(eight_devices, method):
+    losses = {k.split("/")[1]: v for k, v in eight_devices["losses"].items() if k.startswith(method)}
+    assert len(losses) >= 3
+    for mesh, values in losses.items():
+        np.testing.assert_allclose(values, losses["one_device"], rtol=1e-5, atol=1e-5, err_msg=mesh)
+
+
+def test_fsdp_shrinks_per_device_parameter_memory(eight_devices):
+    sizes = eight_devices["argument_bytes"]
+    assert sizes["fsdp"] < sizes["data"] / 4
+
+
+def test_mesh_and_batch_errors_on_eight_devices(eight_devices):
+    assert eight_devices["mesh_error"] == (
+        "mesh {'data': 3, 'fsdp': 1, 'tensor': 1} has 3 devices, which does not divide the 8 devices available"
+    )
+    assert (
+        eight_devices["batch_error"] == "train.batch_size=12 is not divisible by the batch axes data x fsdp = 8 x 1 = 8"
+    )
+
+
+def test_readme_run_command_adapts_the_default_task(tmp_path):
+    """scripts/run.sh with the default config, as the README runs it (base cache kept in tmp_path)."""
+    env = dict(os.environ, DORA_JAX_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run(
+        [
+            "bash",
+            "scripts/run.sh",
+            "--config=configs/default.py",
+            f"--workdir={tmp_path / 'run'}",
+            "--config.train.progress_bar=False",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["before"]["exact_match"] < 0.05 and summary["after"]["exact_match"] > 0.95
+    assert "eval exact match" in result.stdout
