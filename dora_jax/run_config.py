@@ -139,3 +139,20 @@ def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Keys whose values differ between two flat configs, ignoring RUNTIME_KEYS."""
     keys = sorted((set(stored) | set(current)) - set(RUNTIME_KEYS))
     return [k for k in keys if stored.get(k) != current.get(k)]
+
+
+def from_flat(values: dict[str, Any]) -> ml_collections.ConfigDict:
+    """The config whose ``flat`` form is ``values`` (e.g. a workdir's config.json)."""
+    config = defaults()
+    valid = flat(config)
+    for key, value in values.items():
+        if key not in valid:
+            raise ConfigError(f"config key {key!r} is unknown to this version of dora_jax")
+        *sections, name = key.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        if isinstance(valid[key], tuple) and isinstance(value, list):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        node[name] = value
+    return config

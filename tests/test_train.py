@@ -191,3 +191,30 @@ def test_readme_run_command_adapts_the_default_task(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["before"]["exact_match"] < 0.05 and summary["after"]["exact_match"] > 0.95
     assert "eval exact match" in result.stdout
+
+
+def test_export_command_writes_the_runs_adapter_and_merged_model(tmp_path, cache_dir):
+    from dora_jax import export
+    from dora_jax.core import merge
+
+    train.train_and_evaluate(small(cache_dir), tmp_path / "run")
+    export.export_run(tmp_path / "run", "peft", tmp_path / "peft")
+    name = "adapter_model.safetensors"
+    assert (tmp_path / "peft" / name).read_bytes() == (tmp_path / "run" / "adapter" / name).read_bytes()
+    export.export_run(tmp_path / "run", "merged", tmp_path / "merged")
+    model, params = io.load_hf(train.synthetic_base_dir(small(cache_dir)))
+    adapters, cfg = io.import_peft(tmp_path / "peft", params, model=model)
+    _, merged = io.load_hf(tmp_path / "merged")
+    jax.tree.map(np.testing.assert_array_equal, merged, merge(params, adapters, cfg))
+
+
+def test_export_command_errors_name_the_problem(tmp_path, cache_dir):
+    from dora_jax import export
+
+    with pytest.raises(ConfigError, match=r"config.json: no such file; is .* the --workdir of a dora_jax.train run"):
+        export.export_run(tmp_path, "peft", tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"--format: expected one of \('peft', 'merged'\); got 'gguf'"):
+        export.export_run(tmp_path, "gguf", tmp_path / "out")
+    train.train_and_evaluate(small(cache_dir, **{"adapter.method": "full", "train.steps": 2}), tmp_path / "full")
+    with pytest.raises(ConfigError, match=r"is a full fine-tuning run: it has no adapter; use --format=merged"):
+        export.export_run(tmp_path / "full", "peft", tmp_path / "out")

@@ -1,0 +1,76 @@
+"""Export a training run: ``python -m dora_jax.export --workdir=RUN --format=peft|merged --out=DIR``.
+
+Reads the run's ``config.json`` and its latest checkpoint, and writes the adapter as a PEFT
+directory (``peft``) or the adapted model as a plain HF directory with DoRA folded into the
+kernels (``merged``; for full fine-tuning, the fine-tuned model).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+from typing import Any
+
+import jax
+
+from dora_jax import io, run_config, train
+from dora_jax.core import merge
+from dora_jax.errors import ConfigError, DoraError
+from dora_jax.io.checkpoints import Checkpoints
+
+FORMATS = ("peft", "merged")
+
+
+def export_run(workdir: str | pathlib.Path, fmt: str, out: str | pathlib.Path) -> pathlib.Path:
+    """Writes the run in ``workdir`` (its latest checkpoint) to ``out`` in format ``fmt``."""
+    workdir = pathlib.Path(workdir)
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format: expected one of {FORMATS}; got {fmt!r}")
+    config_path = workdir / "config.json"
+    if not config_path.exists():
+        raise ConfigError(f"{config_path}: no such file; is {workdir} the --workdir of a dora_jax.train run?")
+    config = run_config.from_flat(json.loads(config_path.read_text()))
+    checkpoints = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep, async_save=False)
+    step = checkpoints.latest_step()
+    if step is None:
+        raise ConfigError(f"{workdir / 'checkpoints'}: no checkpoint to export yet")
+    run = train.build(config)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), run.state, run.state_sharding
+    )
+    state, _ = checkpoints.restore(step, abstract)
+    checkpoints.close()
+    trainable: Any = jax.device_get(state["trainable"])
+    if run.adapter_cfg is None:
+        if fmt == "peft":
+            raise ConfigError(f"{workdir} is a full fine-tuning run: it has no adapter; use --format=merged")
+        return io.save_hf(run.model, trainable, out)
+    if fmt == "peft":
+        return io.export_peft(
+            trainable, run.adapter_cfg, out, model=run.model, base_model_name_or_path=config.model.hf_dir or None
+        )
+    return io.save_hf(run.model, merge(jax.device_get(run.params), trainable, run.adapter_cfg), out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from absl import app, flags
+    from absl import logging as absl_logging
+
+    workdir = flags.DEFINE_string("workdir", None, "The --workdir of a dora_jax.train run.", required=True)
+    fmt = flags.DEFINE_enum("format", "peft", list(FORMATS), "peft: adapter directory; merged: HF model.")
+    out = flags.DEFINE_string("out", None, "Directory to write.", required=True)
+
+    def run(_):
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        try:
+            path = export_run(workdir.value, fmt.value, out.value)
+        except DoraError as err:
+            sys.exit(f"dora_jax.export: {err}")
+        print(f"wrote {fmt.value} export of {workdir.value} to {path}")
+
+    app.run(run, argv=argv)
+
+
+if __name__ == "__main__":
+    main()
