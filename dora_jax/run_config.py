@@ -58,15 +58,21 @@ def defaults() -> ml_collections.ConfigDict:
     c.adapter.input_axes = {}
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # synthetic (offline)
-    c.data.task = "shift"  # the task adapted to; the base knows only model.base.task
+    c.data.source = "synthetic"  # synthetic (offline) | instruction (LLM-Adapters JSON/JSONL records)
+    c.data.task = "shift"  # synthetic: the task adapted to; the base knows only model.base.task
     c.data.length = 8  # digits per sequence
     c.data.num_symbols = 10
-    c.data.eval_batches = 4  # held-out batches per evaluation
+    c.data.eval_batches = 4  # synthetic: held-out batches per evaluation
     c.data.eval_batch_size = 128
+    c.data.path = ""  # instruction: the training file (e.g. commonsense_170k.json)
+    c.data.tokenizer_dir = ""  # instruction: directory with tokenizer.json; "" = model.hf_dir
+    c.data.cutoff_len = 256  # instruction: tokens per example (the paper's cutoff)
+    c.data.val_size = 120  # instruction: records held out for evaluation (the paper's 120)
+    c.data.train_on_inputs = False  # instruction: loss on the prompt too, not only the response
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 200  # optimizer steps
+    c.train.steps = 200  # optimizer steps (ignored when train.epochs > 0)
+    c.train.epochs = 0  # > 0: steps = epochs x the steps of one pass over the training data
     c.train.batch_size = 32  # global batch (sequences) per optimizer step
     c.train.grad_accum = 1  # micro-batches per step (batch_size must divide by it)
     c.train.learning_rate = 5e-3
@@ -126,6 +132,13 @@ def check(config: ml_collections.ConfigDict) -> None:
             )
     if config.adapter.method not in METHODS:
         raise ConfigError(f"adapter.method: expected one of {METHODS}; got {config.adapter.method!r}")
+
+
+def require_path(key: str, value: str) -> str:
+    """``value``, unless it is empty or a ``<placeholder>`` a config left for the user to fill."""
+    if not value or (value.startswith("<") and value.endswith(">")):
+        raise ConfigError(f"{key} is not set ({value!r}): pass --config.{key}=PATH")
+    return value
 
 
 def adapter_config(config: ml_collections.ConfigDict) -> AdapterConfig | None:

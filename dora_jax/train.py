@@ -9,6 +9,7 @@ checkpoint, and exports the adapter (PEFT format) and, on request, the merged mo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -87,7 +88,8 @@ def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     if config.model.hf_dir == "random":
         model = models.from_hf_config(config.model.base.architecture.to_dict(), dtype=compute, param_dtype=dtype)
         return model, models.init_params(model, jax.random.key(config.seed))
-    hf_dir = config.model.hf_dir or build_synthetic_base(config)
+    hf_dir = run_config.require_path("model.hf_dir", config.model.hf_dir) if config.model.hf_dir else None
+    hf_dir = hf_dir or build_synthetic_base(config)
     return io.load_hf(hf_dir, dtype=dtype, compute_dtype=compute)
 
 
@@ -269,7 +271,12 @@ def build(config: ml_collections.ConfigDict) -> Run:
         raise ConfigError(
             f"train.batch_size={config.train.batch_size} is not divisible by train.grad_accum={config.train.grad_accum}"
         )
-    source = data_lib.make_source(config.data, config.seed)
+    source = data_lib.make_source(config)
+    if config.train.epochs > 0:
+        if not hasattr(source, "epoch_steps"):
+            raise ConfigError(f"train.epochs needs a finite dataset; data.source={config.data.source!r} is endless")
+        config = copy.deepcopy(config)
+        config.train.steps = config.train.epochs * source.epoch_steps(config.train.batch_size)
     model, params = load_base(config)
     if source.vocab_size > model.config.vocab_size:
         raise ConfigError(f"data needs a vocabulary of {source.vocab_size}; the model has {model.config.vocab_size}")
@@ -331,6 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     """Trains (or resumes) the run of ``config`` in ``workdir`` and returns its summary."""
     workdir = pathlib.Path(workdir)
     run = build(config)
+    config = run.config  # with train.steps resolved from train.epochs
     _check_workdir(workdir, config)
     checkpoints = Checkpoints(workdir / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
     latest = checkpoints.latest_step()

@@ -9,6 +9,8 @@ in a checkpoint is the next index.
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 from typing import Any, Protocol
 
 import numpy as np
@@ -16,7 +18,7 @@ import numpy as np
 from dora_jax.data.synthetic import SyntheticTask
 from dora_jax.errors import ConfigError
 
-SOURCES = ("synthetic",)
+SOURCES = ("synthetic", "instruction")
 
 
 class Source(Protocol):
@@ -57,9 +59,41 @@ class SyntheticSource:
         return [self.task.rows(self.seed, i, self.eval_batch_size, split="eval") for i in range(self.eval_count)]
 
 
-def make_source(data: Any, seed: int, task: str | None = None) -> Source:
-    """The source a run's ``config.data`` names; ``task`` overrides ``data.task``."""
+def _eos_id(directory: pathlib.Path) -> int | None:
+    """The EOS token id a model directory's config.json or generation_config.json names."""
+    for name in ("generation_config.json", "config.json"):
+        path = directory / name
+        if path.exists():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return int(eos[0] if isinstance(eos, list) else eos)
+    return None
+
+
+def make_source(config: Any, task: str | None = None) -> Source:
+    """The source a run's ``config.data`` names; ``task`` overrides the synthetic ``data.task``."""
+    data = config.data
     if data.source not in SOURCES:
         raise ConfigError(f"data.source {data.source!r} is unknown; sources: {list(SOURCES)}")
+    if data.source == "instruction":
+        from dora_jax.data.instruction import InstructionSource
+        from dora_jax.io import load_tokenizer
+        from dora_jax.run_config import require_path
+
+        path = require_path("data.path", data.path)
+        key, directory = (
+            ("data.tokenizer_dir", data.tokenizer_dir) if data.tokenizer_dir else ("model.hf_dir", config.model.hf_dir)
+        )
+        directory = pathlib.Path(require_path(key, "" if directory == "random" else directory))
+        return InstructionSource(
+            pathlib.Path(path),
+            load_tokenizer(directory),
+            data.cutoff_len,
+            _eos_id(directory),
+            config.seed,
+            data.val_size,
+            data.train_on_inputs,
+            data.eval_batch_size,
+        )
     synthetic = SyntheticTask(task or data.task, data.length, data.num_symbols)
-    return SyntheticSource(synthetic, seed, data.eval_batches, data.eval_batch_size)
+    return SyntheticSource(synthetic, config.seed, data.eval_batches, data.eval_batch_size)

@@ -1,0 +1,101 @@
+"""Instruction tuning on LLM-Adapters-format files: tokenised, fixed-length, shuffled per epoch.
+
+Each record becomes the official training prompt with its response, tokenised with the base
+model's ``tokenizer.json`` (which adds BOS as the HF tokenizer does), an EOS appended when the
+text is shorter than ``cutoff_len``, and truncated to ``cutoff_len`` tokens. The loss covers the
+response tokens only (``train_on_inputs=False``) or the whole text. ``val_size`` records,
+chosen by the seed, are held out for evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from dora_jax.data import commonsense
+
+PAD_ID = 0  # the official code pads with id 0 (unk); padded positions carry no loss
+
+
+def encode(record: dict[str, str], tokenizer: Any, cutoff_len: int, eos_id: int | None, train_on_inputs: bool):
+    """(token ids, loss flags over those ids) of one record, as the official fine-tuning code builds them."""
+    ids = tokenizer.encode(commonsense.prompt(record, train=True)).ids[:cutoff_len]
+    if eos_id is not None and len(ids) < cutoff_len and (not ids or ids[-1] != eos_id):
+        ids = ids + [eos_id]
+    if train_on_inputs:
+        trained = np.ones(len(ids), bool)
+    else:
+        user = len(tokenizer.encode(commonsense.prompt({**record, "output": ""}, train=True)).ids)
+        trained = np.arange(len(ids)) >= user
+    return np.asarray(ids, np.int32), trained
+
+
+def pack_rows(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int) -> dict[str, np.ndarray]:
+    """Right-padded next-token rows: inputs = ids[:-1], targets = ids[1:], loss where the target trains."""
+    rows = len(examples)
+    out = {
+        "inputs": np.full((rows, seq_len), PAD_ID, np.int32),
+        "targets": np.full((rows, seq_len), PAD_ID, np.int32),
+        "loss_mask": np.zeros((rows, seq_len), np.float32),
+    }
+    for row, (ids, trained) in enumerate(examples):
+        n = min(len(ids) - 1, seq_len)
+        out["inputs"][row, :n] = ids[:n]
+        out["targets"][row, :n] = ids[1 : n + 1]
+        out["loss_mask"][row, :n] = trained[1 : n + 1]
+    return out
+
+
+@dataclasses.dataclass
+class InstructionSource:
+    """Batches of an instruction file; batch ``i`` is a slice of the epoch-wise shuffled records."""
+
+    path: pathlib.Path
+    tokenizer: Any
+    cutoff_len: int
+    eos_id: int | None
+    seed: int
+    val_size: int
+    train_on_inputs: bool
+    eval_batch_size: int
+
+    def __post_init__(self) -> None:
+        records = commonsense.load(self.path)
+        order = np.random.default_rng([self.seed, 2]).permutation(len(records))
+        encoded = [
+            encode(records[i], self.tokenizer, self.cutoff_len, self.eos_id, self.train_on_inputs) for i in order
+        ]
+        self.val, self.train = encoded[: self.val_size], encoded[self.val_size :]
+        if not self.train:
+            raise commonsense.DataError(
+                f"{self.path}: {len(records)} records leave none for training after val_size={self.val_size}"
+            )
+        self.vocab_size = self.tokenizer.get_vocab_size()
+        self.seq_len = self.cutoff_len - 1
+
+    def batch(
+        self, index: int, batch_size: int, process_index: int = 0, process_count: int = 1
+    ) -> dict[str, np.ndarray]:
+        rows = batch_size // process_count
+        positions = np.arange(
+            index * batch_size + process_index * rows, index * batch_size + (process_index + 1) * rows
+        )
+        epochs, offsets = np.divmod(positions, len(self.train))
+        orders = {
+            int(e): np.random.default_rng([self.seed, 3, int(e)]).permutation(len(self.train)) for e in set(epochs)
+        }
+        return pack_rows([self.train[orders[int(e)][o]] for e, o in zip(epochs, offsets, strict=True)], self.seq_len)
+
+    def eval_batches(self) -> list[dict[str, np.ndarray]]:
+        size, batches = self.eval_batch_size, []
+        for start in range(0, len(self.val), size):
+            chunk = self.val[start : start + size]
+            chunk = chunk + [(np.zeros(1, np.int32), np.zeros(1, bool))] * (size - len(chunk))  # no-loss filler rows
+            batches.append(pack_rows(chunk, self.seq_len))
+        return batches
+
+    def epoch_steps(self, batch_size: int) -> int:
+        return -(-len(self.train) // batch_size)
