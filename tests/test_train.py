@@ -218,3 +218,11 @@ def test_export_command_errors_name_the_problem(tmp_path, cache_dir):
     train.train_and_evaluate(small(cache_dir, **{"adapter.method": "full", "train.steps": 2}), tmp_path / "full")
     with pytest.raises(ConfigError, match=r"is a full fine-tuning run: it has no adapter; use --format=merged"):
         export.export_run(tmp_path / "full", "peft", tmp_path / "out")
+
+
+def test_bfloat16_compute_over_float32_params_trains_with_float32_adapters(tmp_path, cache_dir):
+    summary = train.train_and_evaluate(small(cache_dir, **{"model.compute_dtype": "bfloat16"}), tmp_path)
+    assert np.isfinite(summary["after"]["loss"]) and summary["after"]["loss"] < summary["before"]["loss"]
+    model, params = io.load_hf(train.synthetic_base_dir(small(cache_dir)))
+    adapters, _ = io.import_peft(tmp_path / "adapter", params, model=model)
+    assert {str(leaf.dtype) for leaf in jax.tree.leaves(adapters)} == {"float32"}

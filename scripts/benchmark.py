@@ -1,0 +1,241 @@
+"""Train-step cost of full fine-tuning, LoRA and DoRA, measured side by side in one process.
+
+    python -m scripts.benchmark                         # MiniLM and Llama shapes, 16 x 128 tokens, r=16
+    python -m scripts.benchmark --models minilm --steps 20 --json out.json
+    python -m scripts.benchmark --device-count 8        # sharded (data parallel) on 8 forced host devices
+
+For each model shape it compiles one AdamW train step per variant (full fine-tuning; LoRA; DoRA
+with norm_grad exact and detach; each adapter method on the factored ``inject`` path and on the
+``merge`` path), then times the variants round-robin (median of ``--steps`` timed steps after
+warm-up, ``block_until_ready``) so that machine noise hits all of them alike. It prints ms/step,
+tokens/s, the ratios to LoRA (factored) and to full fine-tuning, XLA's compiled FLOPs
+(``cost_analysis``) and peak memory (``memory_analysis``: arguments + outputs + temporaries −
+aliased), then the same as JSON. Ratios are computed from this run's own measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="minilm,llama", help="comma list of minilm, llama")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dtype", default="float32", help="compute dtype (params stay float32)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--llama-hidden", type=int, default=512)
+    parser.add_argument("--llama-layers", type=int, default=4)
+    parser.add_argument("--llama-vocab", type=int, default=8192)
+    parser.add_argument("--minilm-layers", type=int, default=6)
+    parser.add_argument("--minilm-hidden", type=int, default=384)
+    parser.add_argument("--paths", default="factored,merge", help="comma list of factored, merge")
+    parser.add_argument("--device-count", type=int, default=0, help="forced host devices (data parallel)")
+    parser.add_argument("--json", default="", help="also write the results to this file")
+    return parser.parse_args(argv)
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.device_count:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ARGS.device_count} " + os.environ.get(
+        "XLA_FLAGS", ""
+    )
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+
+import dora_jax as dj  # noqa: E402
+from dora_jax import models  # noqa: E402
+
+VARIANTS = (
+    ("full", None, None),
+    ("lora", "lora", "detach"),
+    ("dora_exact", "dora", "exact"),
+    ("dora_detach", "dora", "detach"),
+)
+
+
+def model_shapes(args) -> dict:
+    """HF config dicts of the benchmarked shapes."""
+    shapes = {
+        "minilm": dict(
+            model_type="bert",
+            vocab_size=30522,
+            hidden_size=args.minilm_hidden,
+            num_hidden_layers=args.minilm_layers,
+            num_attention_heads=12,
+            intermediate_size=4 * args.minilm_hidden,
+            max_position_embeddings=512,
+        ),
+        "llama": dict(
+            model_type="llama",
+            vocab_size=args.llama_vocab,
+            hidden_size=args.llama_hidden,
+            intermediate_size=int(2.6875 * args.llama_hidden) // 64 * 64,
+            num_hidden_layers=args.llama_layers,
+            num_attention_heads=max(args.llama_hidden // 64, 1),
+            num_key_value_heads=max(args.llama_hidden // 256, 1),
+            max_position_embeddings=4096,
+        ),
+    }
+    return {name: shapes[name] for name in args.models.split(",")}
+
+
+TARGETS = {
+    "minilm": r"encoder/.*/kernel",  # every linear layer of the encoder (PEFT's all-linear)
+    "llama": r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel",
+}
+
+
+def loss_fn(model, forward):
+    """Masked LM cross-entropy for Llama, a regression on the hidden states for MiniLM."""
+
+    def loss(trainable, frozen, batch):
+        out = forward(trainable, frozen, batch["ids"]).astype(jnp.float32)
+        if out.shape[-1] == batch["ids"].shape[-1]:
+            return jnp.mean(out**2)
+        log_probs = jax.nn.log_softmax(out[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(log_probs, batch["ids"][:, 1:, None], axis=-1))
+
+    return loss
+
+
+def variant_step(model, params, name, method, norm_grad, path, rank):
+    """(jitted step, trainable, frozen, opt_state) of one variant."""
+    tx = optax.adamw(1e-4)
+    if method is None:
+        forward = lambda trainable, frozen, ids: model.apply({"params": trainable}, ids)  # noqa: E731
+        trainable, frozen = jax.tree.map(jnp.copy, params), None  # donated by the step: not the shared params
+    else:
+        arch = "minilm" if isinstance(model, models.BertModel) else "llama"
+        cfg = dj.AdapterConfig(method=method, rank=rank, alpha=2.0 * rank, targets=TARGETS[arch], norm_grad=norm_grad)
+        trainable, frozen = dj.init_adapters(jax.random.key(1), params, cfg), params
+        trainable = jax.tree.map(lambda a: a + 0.01, trainable)  # B != 0: a trained adapter
+        if path == "factored":
+            adapted = dj.inject(model.apply, cfg, fallback="error")
+            forward = lambda trainable, frozen, ids: adapted(frozen, trainable, ids)  # noqa: E731
+        else:
+            forward = lambda trainable, frozen, ids: model.apply(  # noqa: E731
+                {"params": dj.merge(frozen, trainable, cfg)}, ids
+            )
+    step = jax.jit(
+        dj.optim.make_train_step(lambda t, f, b, rng: loss_fn(model, forward)(t, f, b), tx), donate_argnums=(0, 2)
+    )
+    return step, trainable, frozen, tx.init(trainable)
+
+
+def compiled_figures(step, args_) -> dict:
+    compiled = step.lower(*args_).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    memory = compiled.memory_analysis()
+    peak = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
+    return {
+        "gflop": float(cost["flops"]) / 1e9,
+        "peak_mib": peak / 2**20,
+        "temp_mib": memory.temp_size_in_bytes / 2**20,
+    }
+
+
+def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
+    model = models.from_hf_config(hf_config, dtype=jnp.dtype(args.dtype))
+    params = models.init_params(model, jax.random.key(0))
+    devices = jax.devices()
+    mesh = Mesh(np.array(devices), ("data",))
+    replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+    params = jax.device_put(params, replicated)
+    ids = jax.random.randint(jax.random.key(2), (args.batch, args.seq), 3, hf_config["vocab_size"])
+    batch = {"ids": jax.device_put(ids, split)}
+    runs = {}
+    for variant, method, norm_grad in VARIANTS:
+        for path in ["factored"] if method is None else args.paths.split(","):
+            key = variant if method is None else f"{variant}/{path}"
+            step, trainable, frozen, opt_state = variant_step(
+                model, params, variant, method, norm_grad, path, args.rank
+            )
+            trainable, opt_state = jax.device_put((trainable, opt_state), replicated)
+            rng = jax.random.key(0)
+            figures = compiled_figures(step, (trainable, frozen, opt_state, batch, rng))
+            runs[key] = {"step": step, "state": [trainable, frozen, opt_state], "figures": figures, "times": []}
+    for _ in range(args.warmup):
+        for run in runs.values():
+            _advance(run, batch)
+    for _ in range(args.steps):  # round-robin: noise hits every variant alike
+        for run in runs.values():
+            start = time.perf_counter()
+            _advance(run, batch)
+            run["times"].append(time.perf_counter() - start)
+    rows = []
+    medians = {key: float(np.median(run["times"])) for key, run in runs.items()}
+    lora = medians.get("lora/factored", medians.get("lora/merge"))
+    lora_peak = runs.get("lora/factored", runs.get("lora/merge"))["figures"]["peak_mib"]
+    for key, run in runs.items():
+        ms = 1e3 * medians[key]
+        rows.append(
+            {
+                "model": name,
+                "variant": key,
+                "ms_per_step": ms,
+                "tokens_per_s": args.batch * args.seq / medians[key],
+                "vs_lora": medians[key] / lora,
+                "vs_full": medians[key] / medians["full"],
+                "peak_vs_lora": run["figures"]["peak_mib"] / lora_peak,
+                **run["figures"],
+                "devices": len(devices),
+            }
+        )
+    return rows
+
+
+def _advance(run, batch):
+    trainable, frozen, opt_state = run["state"]
+    trainable, opt_state, loss = run["step"](trainable, frozen, opt_state, batch, jax.random.key(0))
+    jax.block_until_ready(loss)
+    run["state"] = [trainable, frozen, opt_state]
+
+
+def table(rows: list[dict]) -> str:
+    head = "| model | variant | ms/step | tokens/s | vs LoRA | vs full FT | GFLOP | peak MiB | peak vs LoRA |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['vs_lora']:.2f} | {r['vs_full']:.2f} | {r['gflop']:.1f} | {r['peak_mib']:.0f} | "
+            f"{r['peak_vs_lora']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(args) -> list[dict]:
+    rows = []
+    for name, hf_config in model_shapes(args).items():
+        rows += benchmark_model(name, hf_config, args)
+    print(
+        f"devices: {jax.device_count()} x {jax.devices()[0].platform}; batch {args.batch} x {args.seq} tokens; "
+        f"r={args.rank}; compute {args.dtype}"
+    )
+    print(table(rows))
+    print(json.dumps(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main(ARGS) and 0)

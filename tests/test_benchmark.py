@@ -1,0 +1,53 @@
+"""scripts/benchmark.py runs end to end on a tiny size, and its ratios come from its own measurements."""
+
+import pytest
+
+from scripts import benchmark
+
+
+@pytest.fixture(scope="module")
+def rows():
+    args = benchmark.parse_args(
+        [
+            "--models",
+            "minilm,llama",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--rank",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--minilm-layers",
+            "1",
+            "--minilm-hidden",
+            "48",
+            "--llama-hidden",
+            "64",
+            "--llama-layers",
+            "1",
+            "--llama-vocab",
+            "128",
+        ]
+    )
+    return benchmark.main(args)
+
+
+def test_every_variant_of_every_model_is_measured(rows):
+    variants = {(r["model"], r["variant"]) for r in rows}
+    expected = {"full"} | {f"{v}/{p}" for v in ("lora", "dora_exact", "dora_detach") for p in ("factored", "merge")}
+    assert variants == {(m, v) for m in ("minilm", "llama") for v in expected}
+    assert all(r["ms_per_step"] > 0 and r["gflop"] > 0 and r["peak_mib"] > 0 for r in rows)
+
+
+def test_ratios_are_computed_from_the_runs_own_times(rows):
+    for model in ("minilm", "llama"):
+        by = {r["variant"]: r for r in rows if r["model"] == model}
+        for r in by.values():
+            assert r["vs_lora"] == pytest.approx(r["ms_per_step"] / by["lora/factored"]["ms_per_step"])
+            assert r["vs_full"] == pytest.approx(r["ms_per_step"] / by["full"]["ms_per_step"])
+            assert r["peak_vs_lora"] == pytest.approx(r["peak_mib"] / by["lora/factored"]["peak_mib"])
+            assert r["tokens_per_s"] == pytest.approx(2 * 16 * 1000 / r["ms_per_step"])
