@@ -3,7 +3,36 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+
+# HF config kwargs of the tiny models the HF, PEFT and I/O tests build.
+TINY_LLAMA = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+TINY_BERT = dict(
+    vocab_size=100,
+    hidden_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=96,
+    max_position_embeddings=64,
+)
+
+
+def token_batch(vocab, pad_id=0, seq=12, padded=4):
+    """(ids, mask) numpy arrays of two rows; the second row ends in ``padded`` padding tokens."""
+    ids = np.random.default_rng(0).integers(2, vocab, size=(2, seq))
+    mask = np.ones((2, seq), np.int32)
+    mask[1, -padded:] = 0
+    ids[1, -padded:] = pad_id
+    return ids, mask
 
 
 class MLP(nn.Module):

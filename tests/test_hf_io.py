@@ -12,18 +12,11 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import dora_jax as dj
+from conftest import TINY_LLAMA, token_batch
 from dora_jax import io, models
 from dora_jax.io import CheckpointError
 
-LLAMA = dict(
-    model_type="llama",
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=112,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+LLAMA = dict(TINY_LLAMA, model_type="llama")
 
 
 def tiny_llama(directory, seed=0, max_shard_bytes=5 * 2**30, **overrides):
@@ -34,11 +27,8 @@ def tiny_llama(directory, seed=0, max_shard_bytes=5 * 2**30, **overrides):
     return model, params
 
 
-def token_batch(vocab, seq=12):
-    ids = np.random.default_rng(0).integers(2, vocab, size=(2, seq))
-    mask = np.ones((2, seq), np.int32)
-    mask[1, -4:] = 0
-    return jnp.asarray(ids), jnp.asarray(mask)
+def jnp_batch(vocab):
+    return tuple(jnp.asarray(a) for a in token_batch(vocab))
 
 
 def test_save_then_load_is_bit_identical(tmp_path):
@@ -77,7 +67,7 @@ def test_bf16_compute_over_float32_params_is_finite_and_close(tmp_path):
     tiny_llama(tmp_path)
     model, params = io.load_hf(tmp_path, dtype=jnp.float32, compute_dtype=jnp.bfloat16)
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype("float32")}
-    ids, mask = token_batch(LLAMA["vocab_size"])
+    ids, mask = jnp_batch(LLAMA["vocab_size"])
     logits = model.apply({"params": params}, ids, attention_mask=mask)
     reference = model.clone(dtype=jnp.float32).apply({"params": params}, ids, attention_mask=mask)
     assert logits.dtype == jnp.bfloat16 and np.isfinite(np.asarray(logits, np.float32)).all()
@@ -103,7 +93,7 @@ def test_dora_on_the_tiny_llama_is_the_identity_at_init_and_equals_merge(tmp_pat
     cfg = dj.AdapterConfig(rank=4, targets=r".*/(q_proj|k_proj|v_proj|up_proj|down_proj)/kernel")
     adapters = dj.init_adapters(jax.random.key(0), params, cfg)
     assert len(dj.core.adapter_entries(adapters)) == 5 * LLAMA["num_hidden_layers"]
-    ids, mask = token_batch(LLAMA["vocab_size"])
+    ids, mask = jnp_batch(LLAMA["vocab_size"])
     f = dj.inject(model.apply, cfg, fallback="error")
     base = model.apply({"params": params}, ids, attention_mask=mask)
     np.testing.assert_allclose(f(params, adapters, ids, attention_mask=mask), base, rtol=1e-5, atol=1e-5)

@@ -8,28 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import TINY_BERT, TINY_LLAMA, token_batch
 from dora_jax import io
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-LLAMA = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=112,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
-BERT = dict(
-    vocab_size=100,
-    hidden_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=96,
-    max_position_embeddings=64,
-)
+LLAMA, BERT = TINY_LLAMA, TINY_BERT
 DECODERS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(LLAMA)),
     "llama3_rope_biases_tied": (
@@ -75,14 +60,6 @@ def save_tiny(directory, config_name, model_name, kwargs, **save_kw):
             parameter.add_(0.05 * torch.randn_like(parameter))
     model.save_pretrained(directory, safe_serialization=True, **save_kw)
     return model
-
-
-def token_batch(vocab, pad_id=0, seq=12, low=2):
-    ids = np.random.default_rng(0).integers(low, vocab, size=(2, seq))
-    mask = np.ones((2, seq), np.int64)
-    mask[1, -4:] = 0  # right padding in the second row
-    ids[1, -4:] = pad_id
-    return ids, mask
 
 
 def hf_outputs(model, ids, mask):

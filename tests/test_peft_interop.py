@@ -10,21 +10,14 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import dora_jax as dj
+from conftest import TINY_BERT, TINY_LLAMA, token_batch
 from dora_jax import io
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-LLAMA = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=112,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
-BERT = dict(vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+LLAMA, BERT = TINY_LLAMA, TINY_BERT
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", LLAMA, r".*/(q_proj|k_proj|v_proj|up_proj|down_proj)/kernel"),
     "bert": ("BertConfig", "BertModel", BERT, r".*/attention/(query|value)/kernel|.*/output/dense/kernel"),
@@ -37,13 +30,6 @@ def hf_model(directory, family):
     model = getattr(transformers, model_name)(getattr(transformers, config_name)(**kwargs, attn_implementation="eager"))
     model.eval().save_pretrained(directory, safe_serialization=True)
     return model
-
-
-def batch(vocab):
-    ids = np.random.default_rng(0).integers(2, vocab, size=(2, 10))
-    mask = np.ones_like(ids)
-    mask[1, -3:] = 0
-    return ids, mask
 
 
 def torch_output(model, ids, mask):
@@ -75,7 +61,7 @@ def test_jax_adapters_load_in_peft_with_the_same_outputs(tmp_path, family, metho
     reference = hf_model(tmp_path / "base", family)
     model, params = io.load_hf(tmp_path / "base")
     cfg = dj.AdapterConfig(method=method, rank=4, alpha=8, targets=FAMILIES[family][3])
-    ids, mask = batch(FAMILIES[family][2]["vocab_size"])
+    ids, mask = token_batch(FAMILIES[family][2]["vocab_size"], seq=10, padded=3)
     adapters = trained_adapters(model, params, cfg, jnp.asarray(ids), jnp.asarray(mask))
     assert (
         float(jnp.abs(dj.core.adapter_entries(adapters)[next(iter(dj.core.adapter_entries(adapters)))]["b"]).max()) > 0
@@ -113,7 +99,7 @@ def test_peft_adapters_import_with_the_same_outputs(tmp_path, family, use_dora):
     model, params = io.load_hf(tmp_path / "base")
     adapters, cfg = io.import_peft(tmp_path / "adapter", params, model=model)
     assert cfg.method == ("dora" if use_dora else "lora") and cfg.rslora and cfg.scale == 8.0
-    ids, mask = batch(FAMILIES[family][2]["vocab_size"])
+    ids, mask = token_batch(FAMILIES[family][2]["vocab_size"], seq=10, padded=3)
     ours = dj.inject(model.apply, cfg)(params, adapters, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     keep = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(ours)[keep], torch_output(adapted, ids, mask)[keep], rtol=1e-4, atol=1e-4)
@@ -138,7 +124,7 @@ def test_merged_export_loads_in_transformers_without_peft(tmp_path, family):
     hf_model(tmp_path / "base", family)
     model, params = io.load_hf(tmp_path / "base")
     cfg = dj.AdapterConfig(rank=4, alpha=8, targets=FAMILIES[family][3])
-    ids, mask = batch(FAMILIES[family][2]["vocab_size"])
+    ids, mask = token_batch(FAMILIES[family][2]["vocab_size"], seq=10, padded=3)
     adapters = trained_adapters(model, params, cfg, jnp.asarray(ids), jnp.asarray(mask))
     io.save_hf(model, dj.merge(params, adapters, cfg), tmp_path / "merged")
     merged = getattr(transformers, FAMILIES[family][1]).from_pretrained(tmp_path / "merged").eval()
@@ -151,7 +137,7 @@ def test_partial_layer_selection_exports_a_regex_that_peft_honours(tmp_path):
     reference = hf_model(tmp_path / "base", "llama")
     model, params = io.load_hf(tmp_path / "base")
     cfg = dj.AdapterConfig(rank=4, targets=r"layers_1/self_attn/q_proj/kernel")
-    ids, mask = batch(LLAMA["vocab_size"])
+    ids, mask = token_batch(LLAMA["vocab_size"], seq=10, padded=3)
     adapters = trained_adapters(model, params, cfg, jnp.asarray(ids), jnp.asarray(mask))
     io.export_peft(adapters, cfg, tmp_path / "adapter", model=model)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
