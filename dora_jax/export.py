@@ -7,17 +7,15 @@ kernels (``merged``; for full fine-tuning, the fine-tuned model).
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 from typing import Any
 
 import jax
 
-from dora_jax import io, run_config, train
+from dora_jax import io, train
 from dora_jax.core import merge
 from dora_jax.errors import ConfigError, DoraError
-from dora_jax.io.checkpoints import Checkpoints
 
 FORMATS = ("peft", "merged")
 
@@ -27,28 +25,15 @@ def export_run(workdir: str | pathlib.Path, fmt: str, out: str | pathlib.Path) -
     workdir = pathlib.Path(workdir)
     if fmt not in FORMATS:
         raise ConfigError(f"--format: expected one of {FORMATS}; got {fmt!r}")
-    config_path = workdir / "config.json"
-    if not config_path.exists():
-        raise ConfigError(f"{config_path}: no such file; is {workdir} the --workdir of a dora_jax.train run?")
-    config = run_config.from_flat(json.loads(config_path.read_text()))
-    checkpoints = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep, async_save=False)
-    step = checkpoints.latest_step()
-    if step is None:
-        raise ConfigError(f"{workdir / 'checkpoints'}: no checkpoint to export yet")
-    run = train.build(config)
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), run.state, run.state_sharding
-    )
-    state, _ = checkpoints.restore(step, abstract)
-    checkpoints.close()
-    trainable: Any = jax.device_get(state["trainable"])
+    run, trainable, _ = train.restore_latest(workdir)
+    trainable: Any = jax.device_get(trainable)
     if run.adapter_cfg is None:
         if fmt == "peft":
             raise ConfigError(f"{workdir} is a full fine-tuning run: it has no adapter; use --format=merged")
         return io.save_hf(run.model, trainable, out)
     if fmt == "peft":
         return io.export_peft(
-            trainable, run.adapter_cfg, out, model=run.model, base_model_name_or_path=config.model.hf_dir or None
+            trainable, run.adapter_cfg, out, model=run.model, base_model_name_or_path=run.config.model.hf_dir or None
         )
     return io.save_hf(run.model, merge(jax.device_get(run.params), trainable, run.adapter_cfg), out)
 

@@ -405,6 +405,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return summary
 
 
+def restore_latest(workdir: str | pathlib.Path) -> tuple[Run, Any, int]:
+    """(run, trainable params, step) of the latest checkpoint of the run in ``workdir``."""
+    workdir = pathlib.Path(workdir)
+    config_path = workdir / "config.json"
+    if not config_path.exists():
+        raise ConfigError(f"{config_path}: no such file; is {workdir} the --workdir of a dora_jax.train run?")
+    config = run_config.from_flat(json.loads(config_path.read_text()))
+    checkpoints = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep, async_save=False)
+    step = checkpoints.latest_step()
+    if step is None:
+        raise ConfigError(f"{workdir / 'checkpoints'}: no checkpoint yet")
+    run = build(config)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), run.state, run.state_sharding
+    )
+    state, _ = checkpoints.restore(step, abstract)
+    checkpoints.close()
+    return run, state["trainable"], step
+
+
 def _export(config, model, params, adapter_cfg, trainable, workdir: pathlib.Path) -> None:
     if adapter_cfg is None:
         io.save_hf(model, trainable, workdir / "model")

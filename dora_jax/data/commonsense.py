@@ -109,3 +109,13 @@ def extract_answer(task: str, text: str) -> str:
         raise DataError(f"commonsense task {task!r} is unknown; tasks: {list(TASKS)}")
     found = re.findall(ANSWERS[task], text.strip())
     return found[0] if found else ""
+
+
+def choices(record: dict[str, str], task: str) -> list[str]:
+    """The answer words a record offers, from its ``Answer format: a/b/c`` line (or the task's pattern)."""
+    found = re.findall(r"Answer format: (\S+)", record["instruction"])
+    if found:
+        return found[-1].split("/")
+    if task not in ANSWERS:
+        raise DataError(f"commonsense task {task!r} is unknown; tasks: {list(TASKS)}")
+    return ANSWERS[task].split("|")

@@ -1,0 +1,109 @@
+"""Commonsense evaluation by log-likelihood multiple choice, on a run trained in the test."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_commonsense import word_tokenizer
+
+from dora_jax import evaluate, io, models, run_config, train
+from dora_jax.data import commonsense as cs
+from dora_jax.errors import ConfigError
+
+BOOLQ = [
+    {
+        "instruction": f"Please answer the following question with true or false, question: is {w} red?\n\n"
+        "Answer format: true/false",
+        "input": "",
+        "output": f"the correct answer is {a}",
+        "answer": a,
+    }
+    for w, a in [("fire", "true"), ("grass", "false"), ("blood", "true"), ("snow", "false"), ("rust", "true")]
+]
+WINOGRANDE = [
+    {
+        "instruction": f"Please choose the correct answer to fill in the blank: {w} _ here.\n\n"
+        f"Option1: {w} Option2: it Answer format: option1/option2",
+        "input": "",
+        "output": f"the correct answer is {a}",
+        "answer": a,
+    }
+    for w, a in [("cat", "option1"), ("dog", "option2"), ("owl", "option1")]
+]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    data = root / "data"
+    for task, records in (("boolq", BOOLQ), ("winogrande", WINOGRANDE)):
+        (data / task).mkdir(parents=True)
+        (data / task / "test.json").write_text(json.dumps(records))
+    records = BOOLQ + WINOGRANDE
+    texts = [cs.prompt(r, train=True) for r in records] + ["the correct answer is option1 option2 true false"]
+    hf_dir = root / "base"
+    tokenizer = word_tokenizer(texts)
+    model = models.from_hf_config(
+        dict(
+            model_type="llama",
+            vocab_size=tokenizer.get_vocab_size(),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            eos_token_id=2,
+        )
+    )
+    io.save_hf(model, models.init_params(model, jax.random.key(0)), hf_dir)
+    tokenizer.save(str(hf_dir / "tokenizer.json"))
+    (root / "train.json").write_text(json.dumps(records * 4))
+    c = run_config.defaults()
+    c.model.hf_dir = str(hf_dir)
+    c.data.update(source="instruction", path=str(root / "train.json"), cutoff_len=64, val_size=8, eval_batch_size=8)
+    c.train.update(steps=3, batch_size=8, eval_every=3, progress_bar=False, warmup_steps=1)
+    c.checkpoint.async_save = False
+    train.train_and_evaluate(c, root / "run")
+    return root, tokenizer
+
+
+def test_evaluation_writes_per_task_accuracy_tables(trained_run):
+    root, _ = trained_run
+    results = evaluate.evaluate_run(root / "run", root / "data")
+    assert results["boolq"]["records"] == 5 and results["winogrande"]["records"] == 3
+    assert all(0.0 <= results[t]["accuracy"] <= 1.0 for t in ("boolq", "winogrande", "average"))
+    table = (root / "run" / "eval" / "commonsense.md").read_text()
+    assert "| boolq |" in table and "| winogrande |" in table and "| average |" in table
+    stored = json.loads((root / "run" / "eval" / "commonsense.json").read_text())
+    assert stored["results"]["boolq"]["correct"] == results["boolq"]["correct"] and stored["step"] == 3
+
+
+def test_batched_scores_equal_scoring_each_candidate_alone(trained_run):
+    root, tokenizer = trained_run
+    run, trainable, _ = train.restore_latest(root / "run")
+    forward = train.make_forward(run.model, run.adapter_cfg)
+    score = jax.jit(lambda b: evaluate.sequence_logprobs(forward(trainable, run.frozen, b["inputs"], None), b))
+    batched = evaluate.score_records(BOOLQ, "boolq", tokenizer, score, 64, batch_size=4)
+    alone = evaluate.score_records(BOOLQ, "boolq", tokenizer, score, 64, batch_size=1)
+    assert batched == alone and set(batched) <= {"true", "false"}
+    ids, scored = evaluate.candidate_rows(BOOLQ[0], "boolq", tokenizer, 64)[0]
+    logits = forward(trainable, run.frozen, jnp.asarray(ids[None, :-1]), None)[0]
+    direct = jax.nn.log_softmax(logits)[np.arange(len(ids) - 1), ids[1:]][scored[1:]].sum()
+    rows = evaluate.pack_rows([(ids, scored)], 63)
+    np.testing.assert_allclose(score(rows)[0], direct, rtol=1e-5)
+    assert scored.sum() == len("the correct answer is true".split())
+
+
+def test_unknown_task_and_empty_data_dir_are_named(trained_run, tmp_path):
+    root, _ = trained_run
+    with pytest.raises(ConfigError, match=r"--tasks \['boolqq'\] are unknown; tasks: \['boolq'"):
+        evaluate.evaluate_run(root / "run", root / "data", tasks=["boolqq"])
+    with pytest.raises(ConfigError, match=r"holds no <task>/test.json"):
+        evaluate.evaluate_run(root / "run", tmp_path)
+
+
+def test_choices_come_from_the_answer_format_line():
+    assert cs.choices(BOOLQ[0], "boolq") == ["true", "false"]
+    assert cs.choices({"instruction": "no format line"}, "winogrande") == ["option1", "option2"]
