@@ -51,3 +51,12 @@ def test_ratios_are_computed_from_the_runs_own_times(rows):
             assert r["vs_full"] == pytest.approx(r["ms_per_step"] / by["full"]["ms_per_step"])
             assert r["peak_vs_lora"] == pytest.approx(r["peak_mib"] / by["lora/factored"]["peak_mib"])
             assert r["tokens_per_s"] == pytest.approx(2 * 16 * 1000 / r["ms_per_step"])
+
+
+def test_data_throughput_counts_the_batches_it_builds():
+    from dora_jax import run_config
+    from scripts import data_throughput
+
+    config = run_config.defaults()
+    figures = data_throughput.throughput(config, batches=20)
+    assert figures["tokens_per_s"] == pytest.approx(figures["batches_per_s"] * config.train.batch_size * 17)

@@ -20,17 +20,32 @@ from dora_jax.data import commonsense
 PAD_ID = 0  # the official code pads with id 0 (unk); padded positions carry no loss
 
 
+def encode_all(
+    records: list[dict[str, str]], tokenizer: Any, cutoff_len: int, eos_id: int | None, train_on_inputs: bool
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(token ids, loss flags over those ids) of each record, as the official fine-tuning code builds them.
+
+    Tokenises in batches (the ``tokenizers`` package runs them in parallel).
+    """
+    full = tokenizer.encode_batch([commonsense.prompt(r, train=True) for r in records])
+    users = (
+        []
+        if train_on_inputs
+        else tokenizer.encode_batch([commonsense.prompt({**r, "output": ""}, train=True) for r in records])
+    )
+    out = []
+    for i, encoding in enumerate(full):
+        ids = encoding.ids[:cutoff_len]
+        if eos_id is not None and len(ids) < cutoff_len and (not ids or ids[-1] != eos_id):
+            ids = ids + [eos_id]
+        trained = np.ones(len(ids), bool) if train_on_inputs else np.arange(len(ids)) >= len(users[i].ids)
+        out.append((np.asarray(ids, np.int32), trained))
+    return out
+
+
 def encode(record: dict[str, str], tokenizer: Any, cutoff_len: int, eos_id: int | None, train_on_inputs: bool):
-    """(token ids, loss flags over those ids) of one record, as the official fine-tuning code builds them."""
-    ids = tokenizer.encode(commonsense.prompt(record, train=True)).ids[:cutoff_len]
-    if eos_id is not None and len(ids) < cutoff_len and (not ids or ids[-1] != eos_id):
-        ids = ids + [eos_id]
-    if train_on_inputs:
-        trained = np.ones(len(ids), bool)
-    else:
-        user = len(tokenizer.encode(commonsense.prompt({**record, "output": ""}, train=True)).ids)
-        trained = np.arange(len(ids)) >= user
-    return np.asarray(ids, np.int32), trained
+    """(token ids, loss flags) of one record: ``encode_all`` of a single record."""
+    return encode_all([record], tokenizer, cutoff_len, eos_id, train_on_inputs)[0]
 
 
 def pack_rows(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int) -> dict[str, np.ndarray]:
