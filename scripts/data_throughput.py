@@ -16,9 +16,6 @@ from ml_collections import config_flags
 
 from dora_jax import data as data_lib
 
-CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.")
-BATCHES = flags.DEFINE_integer("batches", 200, "Batches to build.")
-
 
 def throughput(config, batches: int) -> dict[str, float]:
     source = data_lib.make_source(config)
@@ -33,13 +30,19 @@ def throughput(config, batches: int) -> dict[str, float]:
     }
 
 
-def main(_):
-    figures = throughput(CONFIG.value, BATCHES.value)
-    print(
-        f"{CONFIG.value.data.source} pipeline: {figures['batches_per_s']:,.0f} batches/s "
-        f"({figures['tokens_per_s']:,.0f} tokens/s) at batch {CONFIG.value.train.batch_size}"
-    )
+def main() -> None:
+    config = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.")
+    batches = flags.DEFINE_integer("batches", 200, "Batches to build.")
+
+    def run(_):
+        figures = throughput(config.value, batches.value)
+        print(
+            f"{config.value.data.source} pipeline: {figures['batches_per_s']:,.0f} batches/s "
+            f"({figures['tokens_per_s']:,.0f} tokens/s) at batch {config.value.train.batch_size}"
+        )
+
+    app.run(run, argv=sys.argv)
 
 
 if __name__ == "__main__":
-    app.run(main, argv=sys.argv)
+    main()
