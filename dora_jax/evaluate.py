@@ -18,7 +18,6 @@ import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dora_jax import io, run_config, train
@@ -31,9 +30,7 @@ RESPONSE = "the correct answer is {}"
 
 def sequence_logprobs(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
     """Summed log-probability of each row's loss-masked target tokens: (rows,)."""
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-    picked = jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
-    return (picked * batch["loss_mask"]).sum(-1)
+    return (train.token_logprobs(logits, batch["targets"]) * batch["loss_mask"]).sum(-1)
 
 
 def candidate_rows(

@@ -96,22 +96,24 @@ def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
 # --- the pure steps -----------------------------------------------------------------------------
 
 
-def lm_metrics(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Masked next-token cross-entropy and the sums behind token accuracy and exact match."""
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(target) at every position, in float32: (batch, seq)."""
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-    nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
+    return jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+
+def lm_metrics(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The sums behind masked next-token loss, token accuracy and exact match of a batch."""
     mask = batch["loss_mask"]
-    tokens = jnp.maximum(mask.sum(), 1.0)
     correct = (logits.argmax(-1) == batch["targets"]) * mask
-    exact = jnp.all((correct == mask), axis=-1) & (mask.sum(-1) > 0)
-    sums = {
-        "nll": (nll * mask).sum(),
+    scored = mask.sum(-1) > 0
+    return {
+        "nll": -(token_logprobs(logits, batch["targets"]) * mask).sum(),
         "correct": correct.sum(),
         "tokens": mask.sum(),
-        "exact": exact.sum(),
-        "sequences": (mask.sum(-1) > 0).sum(),
+        "exact": (jnp.all(correct == mask, axis=-1) & scored).sum(),
+        "sequences": scored.sum(),
     }
-    return (nll * mask).sum() / tokens, sums
 
 
 def make_forward(model: Any, adapter_cfg: Any):
@@ -125,27 +127,30 @@ def make_forward(model: Any, adapter_cfg: Any):
 def make_train_step(forward, tx: optax.GradientTransformation, grad_accum: int):
     """train_step(state, frozen, batch, rng) -> (state, metrics); only state["trainable"] is differentiated."""
 
-    def loss_fn(trainable, frozen, batch, rng):
-        return lm_metrics(forward(trainable, frozen, batch["inputs"], rng), batch)
+    def loss_fn(trainable, frozen, batch, rng, tokens):
+        sums = lm_metrics(forward(trainable, frozen, batch["inputs"], rng), batch)
+        return sums["nll"] / tokens, sums
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state, frozen, batch, rng):
+        # Every micro-batch divides by the whole batch's token count, so the summed gradients are
+        # exactly the full batch's, whatever the tokens per micro-batch.
+        tokens = jnp.maximum(batch["loss_mask"].sum(), 1.0)
         if grad_accum == 1:
-            (loss, sums), grads = grad_fn(state["trainable"], frozen, batch, rng)
+            (loss, sums), grads = grad_fn(state["trainable"], frozen, batch, rng, tokens)
         else:
             micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
 
             def accumulate(carry, xs):
                 index, micro_batch = xs
-                out = grad_fn(state["trainable"], frozen, micro_batch, jax.random.fold_in(rng, index))
+                out = grad_fn(state["trainable"], frozen, micro_batch, jax.random.fold_in(rng, index), tokens)
                 return jax.tree.map(jnp.add, carry, out), None
 
             first = jax.tree.map(lambda x: x[0], micro)
-            shapes = jax.eval_shape(grad_fn, state["trainable"], frozen, first, rng)
+            shapes = jax.eval_shape(grad_fn, state["trainable"], frozen, first, rng, tokens)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
             ((loss, sums), grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
-            loss, grads = loss / grad_accum, jax.tree.map(lambda g: g / grad_accum, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **sums}
@@ -156,7 +161,7 @@ def make_train_step(forward, tx: optax.GradientTransformation, grad_accum: int):
 
 def make_eval_step(forward):
     def eval_step(trainable, frozen, batch):
-        return lm_metrics(forward(trainable, frozen, batch["inputs"], None), batch)[1]
+        return lm_metrics(forward(trainable, frozen, batch["inputs"], None), batch)
 
     return eval_step
 
