@@ -176,7 +176,7 @@ class LlamaAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, allowed):
+    def __call__(self, x, positions, allowed, cache=None, cache_index=None):
         cfg = self.config
         batch, seq, _ = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -194,8 +194,13 @@ class LlamaAttention(nn.Module):
         v = v.reshape(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
         inv_freq = rope_frequencies(cfg)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if cache is not None:  # decoding: write this step's keys and values at cache_index, attend to all
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, cache_index, 0, 0))
+            cache = (k, v)
         out = dot_product_attention(q, k, v, allowed).reshape(batch, seq, -1)
-        return dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", use_bias=cfg.o_bias, **kw)(out)
+        out = dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", use_bias=cfg.o_bias, **kw)(out)
+        return out, cache
 
 
 class LlamaMLP(nn.Module):
@@ -218,38 +223,62 @@ class LlamaDecoderLayer(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, allowed):
+    def __call__(self, x, positions, allowed, cache=None, cache_index=None):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
-        x = x + LlamaAttention(cfg, name="self_attn", **kw)(h, positions, allowed)
+        attended, cache = LlamaAttention(cfg, name="self_attn", **kw)(h, positions, allowed, cache, cache_index)
+        x = x + attended
         h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
-        return x + LlamaMLP(cfg, name="mlp", **kw)(h)
+        return x + LlamaMLP(cfg, name="mlp", **kw)(h), cache
 
 
 class LlamaForCausalLM(nn.Module):
-    """Causal LM: token ids (batch, seq) -> logits (batch, seq, vocab)."""
+    """Causal LM: token ids (batch, seq) -> logits (batch, seq, vocab).
+
+    With ``cache`` (from ``init_cache``) it decodes incrementally: the ``seq`` new tokens are
+    written to the key/value cache at slot ``cache_index``, ``attention_mask`` covers all cache
+    slots (batch, cache length), and the call returns ``(logits, cache)``.
+    """
 
     config: LlamaConfig
     dtype: Any = jnp.float32  # compute dtype (e.g. bfloat16)
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_index=0):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         batch, seq = input_ids.shape
         if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-        allowed = attention_bias(seq, seq, attention_mask, causal=True, sliding_window=cfg.sliding_window)
+            position_ids = jnp.broadcast_to(jnp.arange(seq) + cache_index, (batch, seq))
+        keys = seq if cache is None else cache[0][0].shape[1]
+        allowed = attention_bias(
+            seq, keys, attention_mask, causal=True, sliding_window=cfg.sliding_window, query_offset=cache_index
+        )
         embedding = embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), name="embed_tokens", **kw)
         x = embedding(input_ids)
+        new_cache = []
         for i in range(cfg.num_hidden_layers):
-            x = LlamaDecoderLayer(cfg, name=f"layers_{i}", **kw)(x, position_ids, allowed)
+            layer_cache = None if cache is None else cache[i]
+            x, layer_cache = LlamaDecoderLayer(cfg, name=f"layers_{i}", **kw)(
+                x, position_ids, allowed, layer_cache, cache_index
+            )
+            new_cache.append(layer_cache)
         x = RMSNorm(cfg.rms_norm_eps, name="norm", **kw)(x)
         if cfg.tie_word_embeddings:
-            return embedding.attend(x)
-        return dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head", use_bias=False, **kw)(x)
+            logits = embedding.attend(x)
+        else:
+            logits = dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head", use_bias=False, **kw)(x)
+        return logits if cache is None else (logits, new_cache)
+
+
+def init_cache(
+    config: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32
+) -> list[tuple[jax.Array, jax.Array]]:
+    """An empty key/value cache of ``length`` slots: one (keys, values) pair per layer."""
+    shape = (batch, length, config.num_key_value_heads, config.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_hidden_layers)]
 
 
 # Flax module path (regex) -> HF module name; leaves map kernel->weight (transposed), scale->weight.
