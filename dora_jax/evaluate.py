@@ -18,14 +18,17 @@ import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from dora_jax import io, run_config, train
+from dora_jax import generate, io, models, run_config, train
 from dora_jax.data import commonsense
 from dora_jax.data.instruction import pack_rows
 from dora_jax.errors import ConfigError, DoraError
+from dora_jax.inject import inject
 
 RESPONSE = "the correct answer is {}"
+METHODS = ("loglik", "greedy")
 
 
 def sequence_logprobs(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
@@ -70,15 +73,50 @@ def score_records(
     return predictions
 
 
+def generate_answers(
+    records: list[dict[str, str]],
+    task: str,
+    tokenizer: Any,
+    forward: Any,
+    config: Any,
+    batch_size: int,
+    max_new_tokens: int = 32,
+) -> tuple[list[str], list[str]]:
+    """(answers, generated texts): greedy decoding after the evaluation prompt, then ``extract_answer``.
+
+    Prompts are left-padded to a multiple of 64 tokens so that few shapes are compiled.
+    """
+    texts = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        encoded = [tokenizer.encode(commonsense.prompt(r)).ids for r in chunk]
+        width = -(-max(len(e) for e in encoded) // 64) * 64
+        ids = np.zeros((batch_size, width), np.int32)
+        mask = np.zeros((batch_size, width), np.int32)
+        for row, tokens in enumerate(encoded):
+            ids[row, width - len(tokens) :], mask[row, width - len(tokens) :] = tokens, 1
+        mask[len(chunk) :, -1] = 1  # filler rows attend to one token
+        new = generate.greedy(forward, config, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens)
+        texts += [tokenizer.decode(np.asarray(row).tolist(), skip_special_tokens=True) for row in new[: len(chunk)]]
+    return [commonsense.extract_answer(task, commonsense.response(t)) for t in texts], texts
+
+
 def evaluate_run(
     workdir: str | pathlib.Path,
     data_dir: str | pathlib.Path,
     tasks: list[str] | None = None,
     limit: int = 0,
     batch_size: int = 16,
+    method: str = "loglik",
 ) -> dict[str, dict[str, float]]:
-    """Accuracy per task of the run in ``workdir`` on ``data_dir/<task>/test.json``; writes the tables."""
+    """Accuracy per task of the run in ``workdir`` on ``data_dir/<task>/test.json``; writes the tables.
+
+    ``method``: "loglik" ranks the offered answers by likelihood; "greedy" generates up to 32
+    tokens and takes the first answer word in them, as the official scoring does with beams.
+    """
     workdir, data_dir = pathlib.Path(workdir), pathlib.Path(data_dir)
+    if method not in METHODS:
+        raise ConfigError(f"--method: expected one of {METHODS}; got {method!r}")
     tasks = tasks or [t for t in commonsense.TASKS if (data_dir / t / "test.json").exists()]
     unknown = [t for t in tasks if t not in commonsense.TASKS]
     if unknown:
@@ -91,16 +129,25 @@ def evaluate_run(
     tokenizer = io.load_tokenizer(tokenizer_dir)
     forward = train.make_forward(run.model, run.adapter_cfg)
     score = jax.jit(lambda batch: sequence_logprobs(forward(trainable, run.frozen, batch["inputs"], None), batch))
+    if method == "greedy" and not isinstance(run.model, models.LlamaForCausalLM):
+        raise ConfigError(f"--method=greedy needs a Llama-family model; this run's is {type(run.model).__name__}")
+
+    def bound(ids, **kwargs):
+        return _apply(run, trainable, ids, **kwargs)
+
     results = {}
     for task in tasks:
         records = commonsense.load(data_dir / task / "test.json")[: limit or None]
-        predictions = score_records(records, task, tokenizer, score, config.data.cutoff_len, batch_size)
+        if method == "greedy":
+            predictions, _ = generate_answers(records, task, tokenizer, bound, run.model.config, batch_size)
+        else:
+            predictions = score_records(records, task, tokenizer, score, config.data.cutoff_len, batch_size)
         correct = sum(p == r["answer"] for p, r in zip(predictions, records, strict=True))
         results[task] = {"accuracy": correct / len(records), "correct": correct, "records": len(records)}
     results["average"] = {"accuracy": float(np.mean([results[t]["accuracy"] for t in tasks]))}
     out = workdir / "eval"
     out.mkdir(exist_ok=True)
-    (out / "commonsense.json").write_text(json.dumps({"step": step, "results": results}, indent=2))
+    (out / "commonsense.json").write_text(json.dumps({"step": step, "method": method, "results": results}, indent=2))
     lines = [
         f"Commonsense accuracy (log-likelihood multiple choice), step {step}",
         "",
@@ -113,6 +160,13 @@ def evaluate_run(
     return results
 
 
+def _apply(run: Any, trainable: Any, ids: jax.Array, **kwargs: Any) -> Any:
+    """The run's model on ``ids`` with extra apply arguments (attention mask, positions, cache)."""
+    if run.adapter_cfg is None:
+        return run.model.apply({"params": trainable}, ids, **kwargs)
+    return inject(run.model.apply, run.adapter_cfg)(run.frozen, trainable, ids, **kwargs)
+
+
 def main(argv: list[str] | None = None) -> None:
     from absl import app, flags
     from absl import logging as absl_logging
@@ -121,12 +175,13 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = flags.DEFINE_string("data_dir", None, "Directory with <task>/test.json files.", required=True)
     tasks = flags.DEFINE_list("tasks", [], "Tasks to score (default: every task data_dir holds).")
     limit = flags.DEFINE_integer("limit", 0, "Score only the first N records of each task (0: all).")
-    batch_size = flags.DEFINE_integer("batch_size", 16, "Scored sequences per batch.")
+    batch_size = flags.DEFINE_integer("batch_size", 16, "Scored sequences (loglik) or prompts (greedy) per batch.")
+    method = flags.DEFINE_enum("method", "loglik", list(METHODS), "loglik: rank the answers; greedy: generate.")
 
     def run(_):
         absl_logging.set_verbosity(absl_logging.WARNING)
         try:
-            evaluate_run(workdir.value, data_dir.value, tasks.value, limit.value, batch_size.value)
+            evaluate_run(workdir.value, data_dir.value, tasks.value, limit.value, batch_size.value, method.value)
         except DoraError as err:
             sys.exit(f"dora_jax.evaluate: {err}")
         print((pathlib.Path(workdir.value) / "eval" / "commonsense.md").read_text())

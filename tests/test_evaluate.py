@@ -107,3 +107,21 @@ def test_unknown_task_and_empty_data_dir_are_named(trained_run, tmp_path):
 def test_choices_come_from_the_answer_format_line():
     assert cs.choices(BOOLQ[0], "boolq") == ["true", "false"]
     assert cs.choices({"instruction": "no format line"}, "winogrande") == ["option1", "option2"]
+
+
+def test_greedy_generation_scores_the_first_answer_word_of_the_decoded_text(trained_run):
+    root, tokenizer = trained_run
+    results = evaluate.evaluate_run(root / "run", root / "data", tasks=["boolq"], batch_size=4, method="greedy")
+    assert results["boolq"]["records"] == 5 and 0.0 <= results["boolq"]["accuracy"] <= 1.0
+    assert json.loads((root / "run" / "eval" / "commonsense.json").read_text())["method"] == "greedy"
+    run, trainable, _ = train.restore_latest(root / "run")
+    forward = lambda ids, **kw: evaluate._apply(run, trainable, ids, **kw)  # noqa: E731
+    answers, texts = evaluate.generate_answers(BOOLQ, "boolq", tokenizer, forward, run.model.config, batch_size=4)
+    assert len(texts) == 5 and answers == [cs.extract_answer("boolq", t) for t in texts]
+    assert results["boolq"]["correct"] == sum(a == r["answer"] for a, r in zip(answers, BOOLQ, strict=True))
+
+
+def test_unknown_method_is_named(trained_run):
+    root, _ = trained_run
+    with pytest.raises(ConfigError, match=r"--method: expected one of \('loglik', 'greedy'\); got 'beam'"):
+        evaluate.evaluate_run(root / "run", root / "data", method="beam")
