@@ -70,8 +70,8 @@ def _eos_id(directory: pathlib.Path) -> int | None:
     return None
 
 
-def make_source(config: Any, task: str | None = None) -> Source:
-    """The source a run's ``config.data`` names; ``task`` overrides the synthetic ``data.task``."""
+def make_source(config: Any) -> Source:
+    """The source a run's ``config.data`` names."""
     data = config.data
     if data.source not in SOURCES:
         raise ConfigError(f"data.source {data.source!r} is unknown; sources: {list(SOURCES)}")
@@ -95,5 +95,5 @@ def make_source(config: Any, task: str | None = None) -> Source:
             data.train_on_inputs,
             data.eval_batch_size,
         )
-    synthetic = SyntheticTask(task or data.task, data.length, data.num_symbols)
+    synthetic = SyntheticTask(data.task, data.length, data.num_symbols)
     return SyntheticSource(synthetic, config.seed, data.eval_batches, data.eval_batch_size)
