@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dora_jax import data as data_lib
 from dora_jax import generate, io, models, run_config, train
 from dora_jax.data import commonsense
 from dora_jax.data.instruction import pack_rows
@@ -28,7 +29,7 @@ from dora_jax.errors import ConfigError, DoraError
 from dora_jax.inject import inject
 
 RESPONSE = "the correct answer is {}"
-METHODS = ("loglik", "greedy")
+METHODS = ("loglik", "greedy", "beam")
 
 
 def sequence_logprobs(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
@@ -81,8 +82,13 @@ def generate_answers(
     config: Any,
     batch_size: int,
     max_new_tokens: int = 32,
+    num_beams: int = 1,
+    eos_id: int | None = None,
 ) -> tuple[list[str], list[str]]:
-    """(answers, generated texts): greedy decoding after the evaluation prompt, then ``extract_answer``.
+    """(answers, generated texts): decoding after the evaluation prompt, then ``extract_answer``.
+
+    ``num_beams=1`` decodes greedily; more runs beam search (the official setting is 4 beams,
+    32 new tokens).
 
     Prompts are left-padded to a multiple of 64 tokens so that few shapes are compiled.
     """
@@ -96,7 +102,12 @@ def generate_answers(
         for row, tokens in enumerate(encoded):
             ids[row, width - len(tokens) :], mask[row, width - len(tokens) :] = tokens, 1
         mask[len(chunk) :, -1] = 1  # filler rows attend to one token
-        new = generate.greedy(forward, config, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens)
+        if num_beams == 1:
+            new = generate.greedy(forward, config, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens)
+        else:
+            new, _ = generate.beam_search(
+                forward, config, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens, num_beams, eos_id
+            )
         texts += [tokenizer.decode(np.asarray(row).tolist(), skip_special_tokens=True) for row in new[: len(chunk)]]
     return [commonsense.extract_answer(task, commonsense.response(t)) for t in texts], texts
 
@@ -111,8 +122,9 @@ def evaluate_run(
 ) -> dict[str, dict[str, float]]:
     """Accuracy per task of the run in ``workdir`` on ``data_dir/<task>/test.json``; writes the tables.
 
-    ``method``: "loglik" ranks the offered answers by likelihood; "greedy" generates up to 32
-    tokens and takes the first answer word in them, as the official scoring does with beams.
+    ``method``: "loglik" ranks the offered answers by likelihood; "beam" generates up to 32
+    tokens with 4 beams and takes the first answer word in them, as the official scoring does;
+    "greedy" does the same with greedy decoding.
     """
     workdir, data_dir = pathlib.Path(workdir), pathlib.Path(data_dir)
     if method not in METHODS:
@@ -129,8 +141,8 @@ def evaluate_run(
     tokenizer = io.load_tokenizer(tokenizer_dir)
     forward = train.make_forward(run.model, run.adapter_cfg)
     score = jax.jit(lambda batch: sequence_logprobs(forward(trainable, run.frozen, batch["inputs"], None), batch))
-    if method == "greedy" and not isinstance(run.model, models.LlamaForCausalLM):
-        raise ConfigError(f"--method=greedy needs a Llama-family model; this run's is {type(run.model).__name__}")
+    if method != "loglik" and not isinstance(run.model, models.LlamaForCausalLM):
+        raise ConfigError(f"--method={method} needs a Llama-family model; this run's is {type(run.model).__name__}")
 
     def bound(ids, **kwargs):
         return _apply(run, trainable, ids, **kwargs)
@@ -138,8 +150,12 @@ def evaluate_run(
     results = {}
     for task in tasks:
         records = commonsense.load(data_dir / task / "test.json")[: limit or None]
-        if method == "greedy":
-            predictions, _ = generate_answers(records, task, tokenizer, bound, run.model.config, batch_size)
+        if method != "loglik":
+            beams = 4 if method == "beam" else 1
+            eos = data_lib.eos_id(pathlib.Path(tokenizer_dir))
+            predictions, _ = generate_answers(
+                records, task, tokenizer, bound, run.model.config, batch_size, 32, beams, eos
+            )
         else:
             predictions = score_records(records, task, tokenizer, score, config.data.cutoff_len, batch_size)
         correct = sum(p == r["answer"] for p, r in zip(predictions, records, strict=True))
@@ -148,8 +164,13 @@ def evaluate_run(
     out = workdir / "eval"
     out.mkdir(exist_ok=True)
     (out / "commonsense.json").write_text(json.dumps({"step": step, "method": method, "results": results}, indent=2))
+    title = {
+        "loglik": "log-likelihood multiple choice",
+        "greedy": "greedy generation, first answer word",
+        "beam": "beam search with 4 beams, first answer word",
+    }[method]
     lines = [
-        f"Commonsense accuracy (log-likelihood multiple choice), step {step}",
+        f"Commonsense accuracy ({title}), step {step}",
         "",
         "| task | accuracy | records |",
         "|---|---|---|",
@@ -176,7 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     tasks = flags.DEFINE_list("tasks", [], "Tasks to score (default: every task data_dir holds).")
     limit = flags.DEFINE_integer("limit", 0, "Score only the first N records of each task (0: all).")
     batch_size = flags.DEFINE_integer("batch_size", 16, "Scored sequences (loglik) or prompts (greedy) per batch.")
-    method = flags.DEFINE_enum("method", "loglik", list(METHODS), "loglik: rank the answers; greedy: generate.")
+    method = flags.DEFINE_enum(
+        "method", "loglik", list(METHODS), "loglik: rank the answers; beam (official) or greedy: generate."
+    )
 
     def run(_):
         absl_logging.set_verbosity(absl_logging.WARNING)

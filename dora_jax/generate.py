@@ -59,3 +59,73 @@ def greedy(
         token, cache = step(token[:, None], cache, index)
         tokens.append(token)
     return jnp.stack(tokens, axis=1)
+
+
+def beam_search(
+    forward: Callable[..., Any],
+    config: LlamaConfig,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    max_new_tokens: int,
+    num_beams: int = 4,
+    eos_id: int | None = None,
+    cache_dtype: Any = jnp.float32,
+) -> tuple[jax.Array, jax.Array]:
+    """(tokens (batch, max_new_tokens), scores (batch,)): the best of ``num_beams`` beams per prompt.
+
+    Beams advance on the key/value cache, reordered every step. A beam that emits ``eos_id``
+    is finished: it continues with ``eos_id`` at no cost. The winner maximises its summed
+    log-probability divided by its length up to and including EOS (length penalty 1, as HF's
+    default); without ``eos_id`` all beams have the same length and the sum decides.
+    """
+    batch, prompt_len = prompt_ids.shape
+    k = num_beams
+    total = prompt_len + max_new_tokens
+    mask = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
+    mask = jnp.repeat(mask, k, axis=0)
+    positions = _positions(mask)
+    ids = jnp.repeat(prompt_ids, k, axis=0)
+
+    @jax.jit
+    def logprobs(ids, cache, index):
+        logits, cache = forward(
+            ids,
+            attention_mask=mask,
+            position_ids=jax.lax.dynamic_slice_in_dim(positions, index, ids.shape[1], axis=1),
+            cache=cache,
+            cache_index=index,
+        )
+        return jax.nn.log_softmax(logits[:, -1].astype(jnp.float32)), cache
+
+    @jax.jit
+    def select(scores, finished, lengths, tokens, logp, cache, step):
+        vocab = logp.shape[-1]
+        logp = logp.reshape(batch, k, vocab)
+        if eos_id is not None:  # a finished beam continues with EOS at no cost
+            stay = jnp.full((vocab,), -jnp.inf).at[eos_id].set(0.0)
+            logp = jnp.where(finished[..., None], stay, logp)
+        total_scores = (scores[..., None] + logp).reshape(batch, k * vocab)
+        scores, flat = jax.lax.top_k(total_scores, k)
+        beam, token = flat // vocab, (flat % vocab).astype(tokens.dtype)
+        rows = (jnp.arange(batch)[:, None] * k + beam).reshape(-1)
+        tokens = tokens.reshape(batch * k, -1)[rows].at[:, step].set(token.reshape(-1))
+        was_finished = jnp.take_along_axis(finished, beam, axis=1)
+        lengths = jnp.take_along_axis(lengths, beam, axis=1) + (~was_finished).astype(lengths.dtype)
+        finished = was_finished | ((token == eos_id) if eos_id is not None else False)
+        cache = jax.tree.map(lambda c: c[rows], cache)
+        return scores, finished, lengths, tokens.reshape(batch, k, -1), cache
+
+    # Only the first beam of each prompt is live at the start, so the k beams begin distinct.
+    scores = jnp.tile(jnp.array([0.0] + [-jnp.inf] * (k - 1)), (batch, 1))
+    finished = jnp.zeros((batch, k), bool)
+    lengths = jnp.zeros((batch, k), jnp.int32)
+    tokens = jnp.zeros((batch, k, max_new_tokens), prompt_ids.dtype)
+    logp, cache = logprobs(ids, init_cache(config, batch * k, total, cache_dtype), 0)
+    for step in range(max_new_tokens):
+        scores, finished, lengths, tokens, cache = select(scores, finished, lengths, tokens, logp, cache, step)
+        if step < max_new_tokens - 1:
+            logp, cache = logprobs(tokens[:, :, step].reshape(-1, 1), cache, prompt_len + step)
+    normalised = scores / jnp.maximum(lengths, 1) if eos_id is not None else scores
+    best = jnp.argmax(normalised, axis=1)
+    pick = lambda x: jnp.take_along_axis(x, best[:, None], axis=1)[:, 0]  # noqa: E731
+    return jax.vmap(lambda t, b: t[b])(tokens, best), pick(scores)

@@ -121,7 +121,19 @@ def test_greedy_generation_scores_the_first_answer_word_of_the_decoded_text(trai
     assert results["boolq"]["correct"] == sum(a == r["answer"] for a, r in zip(answers, BOOLQ, strict=True))
 
 
+def test_beam_search_evaluation_with_one_beam_matches_greedy(trained_run):
+    root, tokenizer = trained_run
+    run, trainable, _ = train.restore_latest(root / "run")
+    forward = lambda ids, **kw: evaluate._apply(run, trainable, ids, **kw)  # noqa: E731
+    greedy = evaluate.generate_answers(BOOLQ, "boolq", tokenizer, forward, run.model.config, 4, max_new_tokens=6)
+    beam = evaluate.generate_answers(BOOLQ, "boolq", tokenizer, forward, run.model.config, 4, 6, num_beams=1)
+    assert beam == greedy
+    results = evaluate.evaluate_run(root / "run", root / "data", tasks=["winogrande"], batch_size=4, method="beam")
+    assert results["winogrande"]["records"] == 3
+    assert "beam search with 4 beams" in (root / "run" / "eval" / "commonsense.md").read_text()
+
+
 def test_unknown_method_is_named(trained_run):
     root, _ = trained_run
-    with pytest.raises(ConfigError, match=r"--method: expected one of \('loglik', 'greedy'\); got 'beam'"):
-        evaluate.evaluate_run(root / "run", root / "data", method="beam")
+    with pytest.raises(ConfigError, match=r"--method: expected one of \('loglik', 'greedy', 'beam'\); got 'sample'"):
+        evaluate.evaluate_run(root / "run", root / "data", method="sample")

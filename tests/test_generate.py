@@ -59,3 +59,51 @@ def test_prefill_logits_with_a_cache_equal_the_plain_forward(tiny):
     )
     keep = np.asarray(mask).astype(bool)
     np.testing.assert_allclose(np.asarray(cached)[keep], np.asarray(plain)[keep], rtol=1e-5, atol=1e-5)
+
+
+def sequence_score(model, params, ids, mask, new):
+    """Summed log-probability of ``new`` after each left-padded prompt, from one full forward pass."""
+    full = jnp.concatenate([ids, new], axis=1)
+    full_mask = jnp.concatenate([mask, jnp.ones_like(new)], axis=1)
+    logits = model.apply(
+        {"params": params}, full, attention_mask=full_mask, position_ids=jnp.maximum(jnp.cumsum(full_mask, -1) - 1, 0)
+    )
+    logp = jax.nn.log_softmax(logits[:, ids.shape[1] - 1 : -1].astype(jnp.float32))
+    return jnp.take_along_axis(logp, new[..., None], axis=-1)[..., 0].sum(-1)
+
+
+def test_one_beam_is_greedy(tiny):
+    model, params, ids, mask = tiny
+    forward = lambda x, **kw: model.apply({"params": params}, x, **kw)  # noqa: E731
+    tokens, scores = generate.beam_search(forward, model.config, ids, mask, 5, num_beams=1)
+    np.testing.assert_array_equal(tokens, generate.greedy(forward, model.config, ids, mask, 5))
+    np.testing.assert_allclose(scores, sequence_score(model, params, ids, mask, tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_beam_scores_are_the_sequences_log_probabilities_and_beat_greedy_here(tiny):
+    model, params, ids, mask = tiny
+    forward = lambda x, **kw: model.apply({"params": params}, x, **kw)  # noqa: E731
+    tokens, scores = generate.beam_search(forward, model.config, ids, mask, 5, num_beams=4)
+    np.testing.assert_allclose(scores, sequence_score(model, params, ids, mask, tokens), rtol=1e-4, atol=1e-4)
+    greedy = sequence_score(model, params, ids, mask, generate.greedy(forward, model.config, ids, mask, 5))
+    assert np.all(np.asarray(scores) >= np.asarray(greedy) - 1e-4)
+
+
+def test_full_width_beam_search_over_two_tokens_is_exhaustive(tiny):
+    model, params, ids, mask = tiny
+    vocab = TINY_LLAMA["vocab_size"]
+    forward = lambda x, **kw: model.apply({"params": params}, x, **kw)  # noqa: E731
+    _, scores = generate.beam_search(forward, model.config, ids[:1], mask[:1], 2, num_beams=vocab)
+    pairs = jnp.stack(jnp.meshgrid(jnp.arange(vocab), jnp.arange(vocab), indexing="ij"), -1).reshape(-1, 2)
+    every = sequence_score(
+        model, params, jnp.repeat(ids[:1], len(pairs), 0), jnp.repeat(mask[:1], len(pairs), 0), pairs
+    )
+    np.testing.assert_allclose(scores[0], every.max(), rtol=1e-4, atol=1e-4)
+
+
+def test_finished_beams_continue_with_eos_at_no_cost(tiny):
+    model, params, ids, mask = tiny
+    forward = lambda x, **kw: model.apply({"params": params}, x, **kw)  # noqa: E731
+    first = int(generate.greedy(forward, model.config, ids[:1], mask[:1], 1)[0, 0])
+    tokens, _ = generate.beam_search(forward, model.config, ids[:1], mask[:1], 6, num_beams=1, eos_id=first)
+    np.testing.assert_array_equal(tokens[0], np.full(6, first))  # EOS first, then EOS padding

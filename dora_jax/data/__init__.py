@@ -59,7 +59,7 @@ class SyntheticSource:
         return [self.task.rows(self.seed, i, self.eval_batch_size, split="eval") for i in range(self.eval_count)]
 
 
-def _eos_id(directory: pathlib.Path) -> int | None:
+def eos_id(directory: pathlib.Path) -> int | None:
     """The EOS token id a model directory's config.json or generation_config.json names."""
     for name in ("generation_config.json", "config.json"):
         path = directory / name
@@ -89,7 +89,7 @@ def make_source(config: Any) -> Source:
             pathlib.Path(path),
             load_tokenizer(directory),
             data.cutoff_len,
-            _eos_id(directory),
+            eos_id(directory),
             config.seed,
             data.val_size,
             data.train_on_inputs,
