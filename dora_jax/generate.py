@@ -20,6 +20,30 @@ def _positions(mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
+def _decode_mask(prompt_mask: jax.Array, max_new_tokens: int) -> jax.Array:
+    """The attention mask over every cache slot: the prompt's, then ones for the new tokens."""
+    batch = prompt_mask.shape[0]
+    return jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
+
+
+def _cached_next_logits(forward: Callable[..., Any], mask: jax.Array) -> Callable[..., Any]:
+    """Jitted (ids, cache, index) -> (last position's logits, cache): one step on the cache."""
+    positions = _positions(mask)
+
+    @jax.jit
+    def step(ids, cache, index):
+        logits, cache = forward(
+            ids,
+            attention_mask=mask,
+            position_ids=jax.lax.dynamic_slice_in_dim(positions, index, ids.shape[1], axis=1),
+            cache=cache,
+            cache_index=index,
+        )
+        return logits[:, -1], cache
+
+    return step
+
+
 def greedy(
     forward: Callable[..., Any],
     config: LlamaConfig,
@@ -32,9 +56,9 @@ def greedy(
     """The ``max_new_tokens`` most likely next tokens, one at a time: (batch, max_new_tokens)."""
     batch, prompt_len = prompt_ids.shape
     total = prompt_len + max_new_tokens
-    mask = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
-    positions = _positions(mask)
+    mask = _decode_mask(prompt_mask, max_new_tokens)
     if not use_cache:
+        positions = _positions(mask)
         ids = prompt_ids
         for step in range(max_new_tokens):
             length = prompt_len + step
@@ -42,16 +66,11 @@ def greedy(
             ids = jnp.concatenate([ids, jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(ids.dtype)], axis=1)
         return ids[:, prompt_len:]
 
-    @jax.jit
+    next_logits = _cached_next_logits(forward, mask)
+
     def step(ids, cache, index):
-        logits, cache = forward(
-            ids,
-            attention_mask=mask,
-            position_ids=jax.lax.dynamic_slice_in_dim(positions, index, ids.shape[1], axis=1),
-            cache=cache,
-            cache_index=index,
-        )
-        return jnp.argmax(logits[:, -1], axis=-1).astype(prompt_ids.dtype), cache
+        logits, cache = next_logits(ids, cache, index)
+        return jnp.argmax(logits, axis=-1).astype(prompt_ids.dtype), cache
 
     token, cache = step(prompt_ids, init_cache(config, batch, total, cache_dtype), 0)
     tokens = [token]
@@ -81,21 +100,12 @@ def beam_search(
     batch, prompt_len = prompt_ids.shape
     k = num_beams
     total = prompt_len + max_new_tokens
-    mask = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
-    mask = jnp.repeat(mask, k, axis=0)
-    positions = _positions(mask)
+    next_logits = _cached_next_logits(forward, jnp.repeat(_decode_mask(prompt_mask, max_new_tokens), k, axis=0))
     ids = jnp.repeat(prompt_ids, k, axis=0)
 
-    @jax.jit
     def logprobs(ids, cache, index):
-        logits, cache = forward(
-            ids,
-            attention_mask=mask,
-            position_ids=jax.lax.dynamic_slice_in_dim(positions, index, ids.shape[1], axis=1),
-            cache=cache,
-            cache_index=index,
-        )
-        return jax.nn.log_softmax(logits[:, -1].astype(jnp.float32)), cache
+        logits, cache = next_logits(ids, cache, index)
+        return jax.nn.log_softmax(logits.astype(jnp.float32)), cache
 
     @jax.jit
     def select(scores, finished, lengths, tokens, logp, cache, step):

@@ -124,6 +124,24 @@ def test_record_longer_than_the_cutoff_is_truncated_without_eos():
     assert len(ids) == 10 and ids[-1] != 2 and not trained.any()
 
 
+def tiny_instruction_model(hf_dir, tokenizer):
+    """A random one-layer Llama over ``tokenizer``'s vocabulary, written with it as an HF directory."""
+    model = models.from_hf_config(
+        dict(
+            model_type="llama",
+            vocab_size=tokenizer.get_vocab_size(),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            eos_token_id=2,
+        )
+    )
+    io.save_hf(model, models.init_params(model, jax.random.key(0)), hf_dir)
+    tokenizer.save(str(hf_dir / "tokenizer.json"))
+
+
 def instruction_file(tmp_path, count=40):
     records = [
         {
@@ -159,20 +177,7 @@ def test_instruction_tuning_runs_end_to_end(tmp_path):
     path, records = instruction_file(tmp_path)
     hf_dir = tmp_path / "base"
     tokenizer = word_tokenizer([cs.prompt(r, train=True) for r in records])
-    model = models.from_hf_config(
-        dict(
-            model_type="llama",
-            vocab_size=tokenizer.get_vocab_size(),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            eos_token_id=2,
-        )
-    )
-    io.save_hf(model, models.init_params(model, jax.random.key(0)), hf_dir)
-    tokenizer.save(str(hf_dir / "tokenizer.json"))
+    tiny_instruction_model(hf_dir, tokenizer)
     c = run_config.defaults()
     c.model.hf_dir = str(hf_dir)
     c.data.update(source="instruction", path=str(path), cutoff_len=48, val_size=8, eval_batch_size=8)

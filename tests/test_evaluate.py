@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_commonsense import word_tokenizer
+from test_commonsense import tiny_instruction_model, word_tokenizer
 
-from dora_jax import evaluate, io, models, run_config, train
+from dora_jax import evaluate, run_config, train
 from dora_jax.data import commonsense as cs
 from dora_jax.errors import ConfigError
 
@@ -45,20 +45,7 @@ def trained_run(tmp_path_factory):
     texts = [cs.prompt(r, train=True) for r in records] + ["the correct answer is option1 option2 true false"]
     hf_dir = root / "base"
     tokenizer = word_tokenizer(texts)
-    model = models.from_hf_config(
-        dict(
-            model_type="llama",
-            vocab_size=tokenizer.get_vocab_size(),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            eos_token_id=2,
-        )
-    )
-    io.save_hf(model, models.init_params(model, jax.random.key(0)), hf_dir)
-    tokenizer.save(str(hf_dir / "tokenizer.json"))
+    tiny_instruction_model(hf_dir, tokenizer)
     (root / "train.json").write_text(json.dumps(records * 4))
     c = run_config.defaults()
     c.model.hf_dir = str(hf_dir)
