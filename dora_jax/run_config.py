@@ -58,17 +58,20 @@ def defaults() -> ml_collections.ConfigDict:
     c.adapter.input_axes = {}
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # synthetic (offline) | instruction (LLM-Adapters JSON/JSONL records)
+    c.data.source = "synthetic"  # synthetic (offline) | instruction (LLM-Adapters JSON/JSONL) | tfds
     c.data.task = "shift"  # synthetic: the task adapted to; the base knows only model.base.task
     c.data.length = 8  # digits per sequence
     c.data.num_symbols = 10
     c.data.eval_batches = 4  # synthetic: held-out batches per evaluation
     c.data.eval_batch_size = 128
     c.data.path = ""  # instruction: the training file (e.g. commonsense_170k.json)
-    c.data.tokenizer_dir = ""  # instruction: directory with tokenizer.json; "" = model.hf_dir
-    c.data.cutoff_len = 256  # instruction: tokens per example (the paper's cutoff)
-    c.data.val_size = 120  # instruction: records held out for evaluation (the paper's 120)
-    c.data.train_on_inputs = False  # instruction: loss on the prompt too, not only the response
+    c.data.tfds_name = ""  # tfds: a commonsense dataset, e.g. piqa, super_glue/boolq, ai2_arc/ARC-Easy
+    c.data.tfds_split = "train"  # tfds: the split trained on (val_size records of it are held out)
+    c.data.tfds_data_dir = ""  # tfds: where it was prepared (array_record); "" = TFDS's default
+    c.data.tokenizer_dir = ""  # instruction/tfds: directory with tokenizer.json; "" = model.hf_dir
+    c.data.cutoff_len = 256  # instruction/tfds: tokens per example (the paper's cutoff)
+    c.data.val_size = 120  # instruction/tfds: records held out for evaluation (the paper's 120)
+    c.data.train_on_inputs = False  # instruction/tfds: loss on the prompt too, not only the response
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 200  # optimizer steps (ignored when train.epochs > 0)

@@ -160,7 +160,7 @@ def instruction_file(tmp_path, count=40):
 def test_batches_are_deterministic_host_sharded_and_hold_out_validation(tmp_path):
     path, records = instruction_file(tmp_path)
     tokenizer = word_tokenizer([cs.prompt(r, train=True) for r in records])
-    source = lambda seed: InstructionSource(path, tokenizer, 48, 2, seed, 8, False, 4)  # noqa: E731
+    source = lambda seed: InstructionSource(cs.load(path), str(path), tokenizer, 48, 2, seed, 8, False, 4)  # noqa: E731
     a, b = source(0), source(0)
     assert len(a.train) == 32 and len(a.val) == 8 and len(a.eval_batches()) == 2
     for index in (0, 7, 9):  # 9 crosses into the third epoch of 32 records at batch size 8

@@ -18,7 +18,7 @@ import numpy as np
 from dora_jax.data.synthetic import SyntheticTask
 from dora_jax.errors import ConfigError
 
-SOURCES = ("synthetic", "instruction")
+SOURCES = ("synthetic", "instruction", "tfds")
 
 
 class Source(Protocol):
@@ -75,18 +75,26 @@ def make_source(config: Any) -> Source:
     data = config.data
     if data.source not in SOURCES:
         raise ConfigError(f"data.source {data.source!r} is unknown; sources: {list(SOURCES)}")
-    if data.source == "instruction":
+    if data.source in ("instruction", "tfds"):
+        from dora_jax.data import commonsense, tfds_source
         from dora_jax.data.instruction import InstructionSource
         from dora_jax.io import load_tokenizer
         from dora_jax.run_config import require_path
 
-        path = require_path("data.path", data.path)
+        if data.source == "tfds":
+            name = require_path("data.tfds_name", data.tfds_name)
+            records = tfds_source.load_records(name, data.tfds_split, data.tfds_data_dir)
+            origin = f"TFDS {name} split {data.tfds_split}"
+        else:
+            origin = require_path("data.path", data.path)
+            records = commonsense.load(origin)
         key, directory = (
             ("data.tokenizer_dir", data.tokenizer_dir) if data.tokenizer_dir else ("model.hf_dir", config.model.hf_dir)
         )
         directory = pathlib.Path(require_path(key, "" if directory == "random" else directory))
         return InstructionSource(
-            pathlib.Path(path),
+            records,
+            origin,
             load_tokenizer(directory),
             data.cutoff_len,
             eos_id(directory),

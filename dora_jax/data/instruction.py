@@ -10,7 +10,6 @@ chosen by the seed, are held out for evaluation.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from typing import Any
 
 import numpy as np
@@ -66,9 +65,14 @@ def pack_rows(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int) -> di
 
 @dataclasses.dataclass
 class InstructionSource:
-    """Batches of an instruction file; batch ``i`` is a slice of the epoch-wise shuffled records."""
+    """Batches of instruction records; batch ``i`` is a slice of the epoch-wise shuffled records.
 
-    path: pathlib.Path
+    ``records`` are LLM-Adapters records (from a JSON file or a TFDS split); ``origin`` names
+    where they came from, for error messages.
+    """
+
+    records: list[dict[str, str]]
+    origin: str
     tokenizer: Any
     cutoff_len: int
     eos_id: int | None
@@ -78,7 +82,7 @@ class InstructionSource:
     eval_batch_size: int
 
     def __post_init__(self) -> None:
-        records = commonsense.load(self.path)
+        records = self.records
         order = np.random.default_rng([self.seed, 2]).permutation(len(records))
         encoded = [
             encode(records[i], self.tokenizer, self.cutoff_len, self.eos_id, self.train_on_inputs) for i in order
@@ -86,7 +90,7 @@ class InstructionSource:
         self.val, self.train = encoded[: self.val_size], encoded[self.val_size :]
         if not self.train:
             raise commonsense.DataError(
-                f"{self.path}: {len(records)} records leave none for training after val_size={self.val_size}"
+                f"{self.origin}: {len(records)} records leave none for training after val_size={self.val_size}"
             )
         self.vocab_size = self.tokenizer.get_vocab_size()
         self.seq_len = self.cutoff_len - 1
