@@ -1,18 +1,22 @@
-"""Commonsense evaluation of a training run by log-likelihood multiple choice.
+"""Commonsense evaluation of a training run: accuracy by likelihood or generation, and perplexity.
 
     python -m dora_jax.evaluate --workdir=RUN --data_dir=DIR [--tasks=boolq,piqa] [--limit=N]
+    python -m dora_jax.evaluate --workdir=RUN --tfds=piqa,ai2_arc/ARC-Easy --tfds_data_dir=DIR
+    python -m dora_jax.evaluate --workdir=RUN --data_dir=DIR --method=beam|greedy|perplexity
 
-For each test record, every answer the record offers (its ``Answer format: a/b/c`` line) is
-scored as the response ``the correct answer is <a>`` after the official evaluation prompt; the
-prediction is the answer with the highest summed log-probability, and a task's score is the
-accuracy. This ranks the same completions the official generation-based scoring (beam search,
+``--method=loglik`` (default): every answer a record offers (its ``Answer format: a/b/c`` line)
+is scored as the response ``the correct answer is <a>`` after the official evaluation prompt;
+the prediction is the answer with the highest summed log-probability. This ranks the same
+completions the official generation-based scoring (``--method=beam``: 4 beams, 32 new tokens,
 first answer word in the text) looks for, without generating. Per-task tables go to
 ``RUN/eval/commonsense.md`` and ``.json``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import pathlib
 import sys
 from typing import Any
@@ -22,14 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from dora_jax import data as data_lib
-from dora_jax import generate, io, models, run_config, train
-from dora_jax.data import commonsense
-from dora_jax.data.instruction import pack_rows
+from dora_jax import generate, io, models, parallel, run_config, train
+from dora_jax.data import commonsense, tfds_source
+from dora_jax.data.instruction import encode_all, pack_rows
 from dora_jax.errors import ConfigError, DoraError
 from dora_jax.inject import inject
 
 RESPONSE = "the correct answer is {}"
-METHODS = ("loglik", "greedy", "beam")
+METHODS = ("loglik", "greedy", "beam", "perplexity")
 
 
 def sequence_logprobs(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
@@ -112,47 +116,101 @@ def generate_answers(
     return [commonsense.extract_answer(task, commonsense.response(t)) for t in texts], texts
 
 
-def evaluate_run(
-    workdir: str | pathlib.Path,
-    data_dir: str | pathlib.Path,
+def task_records(
+    data_dir: str | pathlib.Path | None = None,
     tasks: list[str] | None = None,
+    tfds_names: list[str] | None = None,
+    tfds_split: str = "validation",
+    tfds_data_dir: str = "",
     limit: int = 0,
-    batch_size: int = 16,
-    method: str = "loglik",
-) -> dict[str, dict[str, float]]:
-    """Accuracy per task of the run in ``workdir`` on ``data_dir/<task>/test.json``; writes the tables.
-
-    ``method``: "loglik" ranks the offered answers by likelihood; "beam" generates up to 32
-    tokens with 4 beams and takes the first answer word in them, as the official scoring does;
-    "greedy" does the same with greedy decoding.
-    """
-    workdir, data_dir = pathlib.Path(workdir), pathlib.Path(data_dir)
-    if method not in METHODS:
-        raise ConfigError(f"--method: expected one of {METHODS}; got {method!r}")
+) -> dict[str, list[dict[str, str]]]:
+    """Test records per task: ``data_dir/<task>/test.json`` files or TFDS splits (e.g. ``piqa``)."""
+    if tfds_names:
+        out = {}
+        for name in tfds_names:
+            out[tfds_source.commonsense_task(name)] = tfds_source.load_records(name, tfds_split, tfds_data_dir, limit)
+        return out
+    if data_dir is None:
+        raise ConfigError("give --data_dir (files <task>/test.json) or --tfds (dataset names)")
+    data_dir = pathlib.Path(data_dir)
     tasks = tasks or [t for t in commonsense.TASKS if (data_dir / t / "test.json").exists()]
     unknown = [t for t in tasks if t not in commonsense.TASKS]
     if unknown:
         raise ConfigError(f"--tasks {unknown} are unknown; tasks: {list(commonsense.TASKS)}")
     if not tasks:
         raise ConfigError(f"{data_dir}: holds no <task>/test.json of {list(commonsense.TASKS)}")
+    return {task: commonsense.load(data_dir / task / "test.json")[: limit or None] for task in tasks}
+
+
+def perplexity_sums(
+    records: list[dict[str, str]], tokenizer: Any, eval_fn: Any, config: Any, eos_id: int | None, batch_size: int
+) -> dict[str, float]:
+    """Summed NLL and token count of the records' training texts, on the tokens the run trains on."""
+    encoded = encode_all(records, tokenizer, config.data.cutoff_len, eos_id, config.data.train_on_inputs)
+    filler = (np.zeros(1, np.int32), np.zeros(1, bool))
+    nll = tokens = 0.0
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        sums = eval_fn(pack_rows(chunk + [filler] * (batch_size - len(chunk)), config.data.cutoff_len - 1))
+        nll, tokens = nll + float(sums["nll"]), tokens + float(sums["tokens"])
+    return {"nll": nll, "tokens": tokens}
+
+
+def sharded_metric(run: Any, trainable: Any, metric: Any) -> Any:
+    """batch -> metric(logits, batch) of the run's model, jitted, batches split over the mesh like training."""
+    forward = train.make_forward(run.model, run.adapter_cfg)
+    jitted = jax.jit(
+        lambda trainable, batch: metric(forward(trainable, run.frozen, batch["inputs"], None), batch),
+        in_shardings=(run.state_sharding["trainable"], run.batch_sharding),
+    )
+    return functools.partial(jitted, trainable)
+
+
+def evaluate_run(
+    workdir: str | pathlib.Path,
+    data_dir: str | pathlib.Path | None = None,
+    tasks: list[str] | None = None,
+    limit: int = 0,
+    batch_size: int = 16,
+    method: str = "loglik",
+    tfds_names: list[str] | None = None,
+    tfds_split: str = "validation",
+    tfds_data_dir: str = "",
+) -> dict[str, dict[str, float]]:
+    """Scores the run in ``workdir`` on each task's test records; writes ``eval/commonsense.{md,json}``.
+
+    ``method``: "loglik" ranks the offered answers by likelihood; "beam" generates up to 32
+    tokens with 4 beams and takes the first answer word in them, as the official scoring does;
+    "greedy" does the same with greedy decoding; "perplexity" is exp(mean NLL) of the gold
+    responses (the tokens the run trained on). Records come from ``data_dir/<task>/test.json``
+    or from the TFDS datasets ``tfds_names``. Scoring batches are sharded over the run's mesh.
+    """
+    workdir = pathlib.Path(workdir)
+    if method not in METHODS:
+        raise ConfigError(f"--method: expected one of {METHODS}; got {method!r}")
+    records_by_task = task_records(data_dir, tasks, tfds_names, tfds_split, tfds_data_dir, limit)
     run, trainable, step = train.restore_latest(workdir)
     config = run.config
+    parallel.check_batch(batch_size, run.mesh, "--batch_size")
     tokenizer_dir = config.data.tokenizer_dir or run_config.require_path("model.hf_dir", config.model.hf_dir)
     tokenizer = io.load_tokenizer(tokenizer_dir)
-    forward = train.make_forward(run.model, run.adapter_cfg)
-    score = jax.jit(lambda batch: sequence_logprobs(forward(trainable, run.frozen, batch["inputs"], None), batch))
-    if method != "loglik" and not isinstance(run.model, models.LlamaForCausalLM):
+    eos = data_lib.eos_id(pathlib.Path(tokenizer_dir))
+    score, nll_sums = (sharded_metric(run, trainable, m) for m in (sequence_logprobs, train.lm_metrics))
+    if method in ("greedy", "beam") and not isinstance(run.model, models.LlamaForCausalLM):
         raise ConfigError(f"--method={method} needs a Llama-family model; this run's is {type(run.model).__name__}")
 
     def bound(ids, **kwargs):
         return _apply(run, trainable, ids, **kwargs)
 
     results = {}
-    for task in tasks:
-        records = commonsense.load(data_dir / task / "test.json")[: limit or None]
+    for task, records in records_by_task.items():
+        if method == "perplexity":
+            sums = perplexity_sums(records, tokenizer, nll_sums, config, eos, batch_size)
+            results[task] = {**sums, "perplexity": math.exp(sums["nll"] / max(sums["tokens"], 1.0))}
+            results[task]["records"] = len(records)
+            continue
         if method != "loglik":
             beams = 4 if method == "beam" else 1
-            eos = data_lib.eos_id(pathlib.Path(tokenizer_dir))
             predictions, _ = generate_answers(
                 records, task, tokenizer, bound, run.model.config, batch_size, 32, beams, eos
             )
@@ -160,25 +218,38 @@ def evaluate_run(
             predictions = score_records(records, task, tokenizer, score, config.data.cutoff_len, batch_size)
         correct = sum(p == r["answer"] for p, r in zip(predictions, records, strict=True))
         results[task] = {"accuracy": correct / len(records), "correct": correct, "records": len(records)}
-    results["average"] = {"accuracy": float(np.mean([results[t]["accuracy"] for t in tasks]))}
-    out = workdir / "eval"
+    tasks = list(records_by_task)
+    if method == "perplexity":
+        nll, tokens = sum(results[t]["nll"] for t in tasks), sum(results[t]["tokens"] for t in tasks)
+        results["all"] = {"perplexity": math.exp(nll / max(tokens, 1.0)), "nll": nll, "tokens": tokens}
+    else:
+        results["average"] = {"accuracy": float(np.mean([results[t]["accuracy"] for t in tasks]))}
+    _write_tables(workdir / "eval", step, method, tasks, results)
+    return results
+
+
+def _write_tables(out: pathlib.Path, step: int, method: str, tasks: list[str], results: dict[str, Any]) -> None:
     out.mkdir(exist_ok=True)
     (out / "commonsense.json").write_text(json.dumps({"step": step, "method": method, "results": results}, indent=2))
     title = {
-        "loglik": "log-likelihood multiple choice",
-        "greedy": "greedy generation, first answer word",
-        "beam": "beam search with 4 beams, first answer word",
+        "loglik": "Commonsense accuracy (log-likelihood multiple choice)",
+        "greedy": "Commonsense accuracy (greedy generation, first answer word)",
+        "beam": "Commonsense accuracy (beam search with 4 beams, first answer word)",
+        "perplexity": "Perplexity of the gold responses",
     }[method]
-    lines = [
-        f"Commonsense accuracy ({title}), step {step}",
-        "",
-        "| task | accuracy | records |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {t} | {results[t]['accuracy']:.4f} | {results[t]['records']} |" for t in tasks]
-    lines.append(f"| average | {results['average']['accuracy']:.4f} | |")
+    lines = [f"{title}, step {step}", ""]
+    if method == "perplexity":
+        lines += ["| task | perplexity | tokens | records |", "|---|---|---|---|"]
+        lines += [
+            f"| {t} | {results[t]['perplexity']:.4f} | {results[t]['tokens']:.0f} | {results[t]['records']} |"
+            for t in tasks
+        ]
+        lines.append(f"| all | {results['all']['perplexity']:.4f} | {results['all']['tokens']:.0f} | |")
+    else:
+        lines += ["| task | accuracy | records |", "|---|---|---|"]
+        lines += [f"| {t} | {results[t]['accuracy']:.4f} | {results[t]['records']} |" for t in tasks]
+        lines.append(f"| average | {results['average']['accuracy']:.4f} | |")
     (out / "commonsense.md").write_text("\n".join(lines) + "\n")
-    return results
 
 
 def _apply(run: Any, trainable: Any, ids: jax.Array, **kwargs: Any) -> Any:
@@ -193,18 +264,34 @@ def main(argv: list[str] | None = None) -> None:
     from absl import logging as absl_logging
 
     workdir = flags.DEFINE_string("workdir", None, "The --workdir of a dora_jax.train run.", required=True)
-    data_dir = flags.DEFINE_string("data_dir", None, "Directory with <task>/test.json files.", required=True)
+    data_dir = flags.DEFINE_string("data_dir", None, "Directory with <task>/test.json files.")
+    tfds_names = flags.DEFINE_list("tfds", [], f"TFDS datasets instead of files: {sorted(tfds_source.COMMONSENSE)}.")
+    tfds_split = flags.DEFINE_string("tfds_split", "validation", "The TFDS split scored.")
+    tfds_data_dir = flags.DEFINE_string("tfds_data_dir", "", "Where the TFDS datasets were prepared.")
     tasks = flags.DEFINE_list("tasks", [], "Tasks to score (default: every task data_dir holds).")
     limit = flags.DEFINE_integer("limit", 0, "Score only the first N records of each task (0: all).")
     batch_size = flags.DEFINE_integer("batch_size", 16, "Scored sequences (loglik) or prompts (greedy) per batch.")
     method = flags.DEFINE_enum(
-        "method", "loglik", list(METHODS), "loglik: rank the answers; beam (official) or greedy: generate."
+        "method",
+        "loglik",
+        list(METHODS),
+        "loglik: rank the answers; beam (official) or greedy: generate; perplexity: of the gold responses.",
     )
 
     def run(_):
         absl_logging.set_verbosity(absl_logging.WARNING)
         try:
-            evaluate_run(workdir.value, data_dir.value, tasks.value, limit.value, batch_size.value, method.value)
+            evaluate_run(
+                workdir.value,
+                data_dir.value,
+                tasks.value,
+                limit.value,
+                batch_size.value,
+                method.value,
+                tfds_names.value,
+                tfds_split.value,
+                tfds_data_dir.value,
+            )
         except DoraError as err:
             sys.exit(f"dora_jax.evaluate: {err}")
         print((pathlib.Path(workdir.value) / "eval" / "commonsense.md").read_text())

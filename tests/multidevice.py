@@ -10,8 +10,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
-from dora_jax import run_config, train  # noqa: E402
+from dora_jax import evaluate, run_config, train  # noqa: E402
 from dora_jax.errors import ConfigError  # noqa: E402
 
 MESHES = {
@@ -49,6 +50,13 @@ def argument_bytes(mesh):
     return compiled.memory_analysis().argument_size_in_bytes
 
 
+def eval_scores(mesh):
+    """Sequence log-probabilities of one evaluation batch, scored by the sharded evaluator."""
+    run = train.build(config(mesh))
+    score = evaluate.sharded_metric(run, run.state["trainable"], evaluate.sequence_logprobs)
+    return np.asarray(score(run.source.eval_batches()[0])).tolist()
+
+
 def error(mesh, **overrides):
     c = config(mesh)
     for key, value in overrides.items():
@@ -70,6 +78,7 @@ if __name__ == "__main__":
             for name, mesh in MESHES.items()
             if name in names
         },
+        "eval_scores": {name: eval_scores(MESHES[name]) for name in ("one_device", "data", "mixed")},
         "argument_bytes": {name: argument_bytes(MESHES[name]) for name in ("data", "fsdp")},
         "mesh_error": error(dict(data=3, fsdp=1, tensor=1)),
         "batch_error": error(dict(data=8, fsdp=1, tensor=1), **{"train.batch_size": 12}),

@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_commonsense import tiny_instruction_model, word_tokenizer
+from test_tfds import piqa_dir  # noqa: F401 (fixture)
 
 from dora_jax import evaluate, run_config, train
 from dora_jax.data import commonsense as cs
+from dora_jax.data.instruction import encode_all
 from dora_jax.errors import ConfigError
 
 BOOLQ = [
@@ -122,5 +124,33 @@ def test_beam_search_evaluation_with_one_beam_matches_greedy(trained_run):
 
 def test_unknown_method_is_named(trained_run):
     root, _ = trained_run
-    with pytest.raises(ConfigError, match=r"--method: expected one of \('loglik', 'greedy', 'beam'\); got 'sample'"):
+    expected = r"--method: expected one of \('loglik', 'greedy', 'beam', 'perplexity'\); got 'sample'"
+    with pytest.raises(ConfigError, match=expected):
         evaluate.evaluate_run(root / "run", root / "data", method="sample")
+
+
+def test_perplexity_is_exp_of_the_mean_nll_of_the_trained_response_tokens(trained_run):
+    root, tokenizer = trained_run
+    results = evaluate.evaluate_run(root / "run", root / "data", tasks=["boolq"], batch_size=4, method="perplexity")
+    run, trainable, _ = train.restore_latest(root / "run")
+    forward = train.make_forward(run.model, run.adapter_cfg)
+    nll = tokens = 0.0
+    for ids, trained in encode_all(BOOLQ, tokenizer, 64, 2, train_on_inputs=False):
+        logits = forward(trainable, run.frozen, jnp.asarray(ids[None, :-1]), None)[0]
+        log_probs = jax.nn.log_softmax(logits)[np.arange(len(ids) - 1), ids[1:]]
+        nll, tokens = nll - float(log_probs[trained[1:]].sum()), tokens + trained[1:].sum()
+    assert results["boolq"]["tokens"] == tokens == 5 * len("the correct answer is true </s>".split())
+    np.testing.assert_allclose(results["boolq"]["perplexity"], np.exp(nll / tokens), rtol=1e-5)
+    assert "| boolq |" in (root / "run" / "eval" / "commonsense.md").read_text()
+
+
+def test_tfds_split_is_scored_as_its_commonsense_task(trained_run, piqa_dir):  # noqa: F811
+    root, _ = trained_run
+    results = evaluate.evaluate_run(root / "run", tfds_names=["piqa"], tfds_split="train", tfds_data_dir=str(piqa_dir))
+    assert list(results) == ["piqa", "average"] and results["piqa"]["records"] == 24
+
+
+def test_evaluation_needs_files_or_tfds(trained_run):
+    root, _ = trained_run
+    with pytest.raises(ConfigError, match=r"give --data_dir \(files <task>/test.json\) or --tfds"):
+        evaluate.evaluate_run(root / "run")

@@ -158,6 +158,13 @@ def test_data_fsdp_and_tensor_meshes_give_the_losses_of_one_device(eight_devices
         np.testing.assert_allclose(values, losses["one_device"], rtol=1e-5, atol=1e-5, err_msg=mesh)
 
 
+def test_sharded_evaluator_scores_like_one_device(eight_devices):
+    scores = eight_devices["eval_scores"]
+    assert len(scores["one_device"]) == 16
+    for mesh in ("data", "mixed"):
+        np.testing.assert_allclose(scores[mesh], scores["one_device"], rtol=1e-5, atol=1e-5, err_msg=mesh)
+
+
 def test_fsdp_shrinks_per_device_parameter_memory(eight_devices):
     sizes = eight_devices["argument_bytes"]
     assert sizes["fsdp"] < sizes["data"] / 4
