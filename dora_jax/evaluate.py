@@ -27,7 +27,8 @@ import numpy as np
 
 from dora_jax import data as data_lib
 from dora_jax import generate, io, models, parallel, run_config, train
-from dora_jax.data import commonsense, tfds_source
+from dora_jax.data import commonsense, sampling, tfds_source
+from dora_jax.data.commonsense import DataError
 from dora_jax.data.instruction import encode_all, pack_rows
 from dora_jax.errors import ConfigError, DoraError
 from dora_jax.inject import inject
@@ -160,7 +161,7 @@ def sharded_metric(run: Any, trainable: Any, metric: Any) -> Any:
     """batch -> metric(logits, batch) of the run's model, jitted, batches split over the mesh like training."""
     forward = train.make_forward(run.model, run.adapter_cfg)
     jitted = jax.jit(
-        lambda trainable, batch: metric(forward(trainable, run.frozen, batch["inputs"], None), batch),
+        lambda trainable, batch: metric(forward(trainable, run.frozen, batch, None), batch),
         in_shardings=(run.state_sharding["trainable"], run.batch_sharding),
     )
     return functools.partial(jitted, trainable)
@@ -228,6 +229,55 @@ def evaluate_run(
     return results
 
 
+def evaluate_classifier(
+    workdir: str | pathlib.Path,
+    path: str = "",
+    tfds_name: str = "",
+    tfds_split: str = "validation",
+    tfds_data_dir: str = "",
+    batch_size: int = 16,
+    limit: int = 0,
+) -> dict[str, float]:
+    """Accuracy, macro F1 (and F1 of label 1) of a classifier run on a labelled file or TFDS split.
+
+    Writes ``eval/classification.json`` and ``.md``; batches are sharded over the run's mesh.
+    """
+    from dora_jax.data import classification
+
+    workdir = pathlib.Path(workdir)
+    if bool(path) == bool(tfds_name):
+        raise ConfigError("give exactly one of --data_path (a JSON/JSONL file) or --tfds (a dataset name)")
+    records = (
+        classification.load_tfds(tfds_name, tfds_split, tfds_data_dir, limit)
+        if tfds_name
+        else classification.load_file(path)[: limit or None]
+    )
+    origin = f"TFDS {tfds_name} split {tfds_split}" if tfds_name else path
+    run, trainable, step = train.restore_latest(workdir)
+    if not train.is_classifier(run.model):
+        raise ConfigError(f"{workdir} trains {type(run.model).__name__}, not a sequence classifier")
+    parallel.check_batch(batch_size, run.mesh, "--batch_size")
+    source = run.source
+    for index, record in enumerate(records):
+        if record["label"] >= source.num_labels:
+            raise DataError(f"{origin}: record {index} has label {record['label']}; the run has {source.num_labels}")
+    encoded = classification.encode_all(records, source.tokenizer, source.max_len)
+    rows = [(ids, types, r["label"], True) for (ids, types), r in zip(encoded, records, strict=True)]
+    metric = sharded_metric(run, trainable, train.classification_metrics)
+    totals = None
+    for chunk in sampling.chunks(rows, batch_size, ([source.pad_id], [0], 0, False)):
+        sums = metric(classification.pack_rows(chunk, source.max_len, source.pad_id))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    summary = {**train.classification_summary(totals), "records": len(records)}
+    out = workdir / "eval"
+    out.mkdir(exist_ok=True)
+    (out / "classification.json").write_text(json.dumps({"step": step, "data": origin, "results": summary}, indent=2))
+    lines = [f"Classification of {origin}, step {step}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
+    (out / "classification.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
 def _write_tables(out: pathlib.Path, step: int, method: str, tasks: list[str], results: dict[str, Any]) -> None:
     out.mkdir(exist_ok=True)
     (out / "commonsense.json").write_text(json.dumps({"step": step, "method": method, "results": results}, indent=2))
@@ -252,6 +302,12 @@ def _write_tables(out: pathlib.Path, step: int, method: str, tasks: list[str], r
     (out / "commonsense.md").write_text("\n".join(lines) + "\n")
 
 
+def _classifier_run(workdir: pathlib.Path) -> bool:
+    """Whether the run in ``workdir`` trains a sequence classifier (its config sets model.num_labels)."""
+    path = workdir / "config.json"
+    return path.exists() and json.loads(path.read_text()).get("model.num_labels", 0) > 0
+
+
 def _apply(run: Any, trainable: Any, ids: jax.Array, **kwargs: Any) -> Any:
     """The run's model on ``ids`` with extra apply arguments (attention mask, positions, cache)."""
     if run.adapter_cfg is None:
@@ -268,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     tfds_names = flags.DEFINE_list("tfds", [], f"TFDS datasets instead of files: {sorted(tfds_source.COMMONSENSE)}.")
     tfds_split = flags.DEFINE_string("tfds_split", "validation", "The TFDS split scored.")
     tfds_data_dir = flags.DEFINE_string("tfds_data_dir", "", "Where the TFDS datasets were prepared.")
+    data_path = flags.DEFINE_string("data_path", "", "Classifier runs: a labelled JSON/JSONL file to score.")
     tasks = flags.DEFINE_list("tasks", [], "Tasks to score (default: every task data_dir holds).")
     limit = flags.DEFINE_integer("limit", 0, "Score only the first N records of each task (0: all).")
     batch_size = flags.DEFINE_integer("batch_size", 16, "Scored sequences (loglik) or prompts (greedy) per batch.")
@@ -281,6 +338,18 @@ def main(argv: list[str] | None = None) -> None:
     def run(_):
         absl_logging.set_verbosity(absl_logging.WARNING)
         try:
+            if _classifier_run(pathlib.Path(workdir.value)):
+                evaluate_classifier(
+                    workdir.value,
+                    data_path.value,
+                    ",".join(tfds_names.value),
+                    tfds_split.value,
+                    tfds_data_dir.value,
+                    batch_size.value,
+                    limit.value,
+                )
+                print((pathlib.Path(workdir.value) / "eval" / "classification.md").read_text())
+                return
             evaluate_run(
                 workdir.value,
                 data_dir.value,

@@ -31,11 +31,18 @@ def export_run(workdir: str | pathlib.Path, fmt: str, out: str | pathlib.Path) -
         if fmt == "peft":
             raise ConfigError(f"{workdir} is a full fine-tuning run: it has no adapter; use --format=merged")
         return io.save_hf(run.model, trainable, out)
+    adapters, head = train.split_trainable(trainable)
     if fmt == "peft":
         return io.export_peft(
-            trainable, run.adapter_cfg, out, model=run.model, base_model_name_or_path=run.config.model.hf_dir or None
+            adapters,
+            run.adapter_cfg,
+            out,
+            model=run.model,
+            base_model_name_or_path=run.config.model.hf_dir or None,
+            head=head,
         )
-    return io.save_hf(run.model, merge(jax.device_get(run.params), trainable, run.adapter_cfg), out)
+    merged = merge(jax.device_get(run.params), adapters, run.adapter_cfg)
+    return io.save_hf(run.model, train.with_head(merged, head), out)
 
 
 def main(argv: list[str] | None = None) -> None:

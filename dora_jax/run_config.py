@@ -27,6 +27,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.hf_dir = ""  # local HF directory of the base model; "" = the synthetic base below
     c.model.dtype = "float32"  # dtype of the params
+    c.model.num_labels = 0  # > 0: a BERT-family encoder as a sequence classifier (head trained with the adapters)
     c.model.compute_dtype = "float32"  # dtype of activations (bfloat16 on accelerators)
     c.model.base = ml_collections.ConfigDict()  # the synthetic base, built on first use and cached
     c.model.base.cache_dir = ""  # where to keep it; "" = $DORA_JAX_CACHE or ~/.cache/dora_jax
@@ -58,19 +59,19 @@ def defaults() -> ml_collections.ConfigDict:
     c.adapter.input_axes = {}
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # synthetic (offline) | instruction (LLM-Adapters JSON/JSONL) | tfds
+    c.data.source = "synthetic"  # synthetic (offline) | instruction (LLM-Adapters JSON/JSONL) | tfds | classification
     c.data.task = "shift"  # synthetic: the task adapted to; the base knows only model.base.task
     c.data.length = 8  # digits per sequence
     c.data.num_symbols = 10
     c.data.eval_batches = 4  # synthetic: held-out batches per evaluation
     c.data.eval_batch_size = 128
-    c.data.path = ""  # instruction: the training file (e.g. commonsense_170k.json)
-    c.data.tfds_name = ""  # tfds: a commonsense dataset, e.g. piqa, super_glue/boolq, ai2_arc/ARC-Easy
+    c.data.path = ""  # instruction / classification: the training file (e.g. commonsense_170k.json)
+    c.data.tfds_name = ""  # tfds: piqa, bool_q, ai2_arc/ARC-Easy, ...; classification: glue/sst2, glue/mrpc, ...
     c.data.tfds_split = "train"  # tfds: the split trained on (val_size records of it are held out)
     c.data.tfds_data_dir = ""  # tfds: where it was prepared (array_record); "" = TFDS's default
     c.data.tokenizer_dir = ""  # instruction/tfds: directory with tokenizer.json; "" = model.hf_dir
-    c.data.cutoff_len = 256  # instruction/tfds: tokens per example (the paper's cutoff)
-    c.data.val_size = 120  # instruction/tfds: records held out for evaluation (the paper's 120)
+    c.data.cutoff_len = 256  # instruction/tfds/classification: tokens per example (the paper's cutoff)
+    c.data.val_size = 120  # instruction/tfds/classification: records held out for evaluation (the paper's 120)
     c.data.train_on_inputs = False  # instruction/tfds: loss on the prompt too, not only the response
 
     c.train = ml_collections.ConfigDict()

@@ -90,7 +90,7 @@ def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
         return model, models.init_params(model, jax.random.key(config.seed))
     hf_dir = run_config.require_path("model.hf_dir", config.model.hf_dir) if config.model.hf_dir else None
     hf_dir = hf_dir or build_synthetic_base(config)
-    return io.load_hf(hf_dir, dtype=dtype, compute_dtype=compute)
+    return io.load_hf(hf_dir, dtype=dtype, compute_dtype=compute, num_labels=config.model.num_labels)
 
 
 # --- the pure steps -----------------------------------------------------------------------------
@@ -116,19 +116,65 @@ def lm_metrics(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.
     }
 
 
+def classification_metrics(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The sums behind cross-entropy, accuracy and per-class F1 of a batch (rows with loss_mask 0 excluded)."""
+    mask = batch["loss_mask"]
+    labels, predicted = batch["labels"], logits.argmax(-1)
+    classes = jnp.arange(logits.shape[-1])
+    is_label = (labels[:, None] == classes) * mask[:, None]
+    is_predicted = (predicted[:, None] == classes) * mask[:, None]
+    return {
+        "nll": -(token_logprobs(logits, labels) * mask).sum(),
+        "correct": ((predicted == labels) * mask).sum(),
+        "examples": mask.sum(),
+        "true_pos": (is_label * is_predicted).sum(0),
+        "false_pos": ((1 - is_label) * is_predicted).sum(0),
+        "false_neg": (is_label * (1 - is_predicted)).sum(0),
+    }
+
+
+def is_classifier(model: Any) -> bool:
+    return isinstance(model, models.BertForSequenceClassification)
+
+
+HEAD = "classifier"  # a classifier's head: trained in full alongside the adapters (PEFT's modules_to_save)
+
+
+def split_trainable(trainable: Any) -> tuple[Any, Any]:
+    """(adapters, head params or None) of an adapter run's trainable tree."""
+    if isinstance(trainable, dict) and set(trainable) == {"adapters", "head"}:
+        return trainable["adapters"], trainable["head"]
+    return trainable, None
+
+
+def with_head(params: Any, head: Any) -> Any:
+    """``params`` with the classifier head replaced by the trained ``head`` (no-op for None)."""
+    return params if head is None else {**params, HEAD: head}
+
+
 def make_forward(model: Any, adapter_cfg: Any):
-    """forward(trainable, frozen, inputs, rng) -> logits, for full fine-tuning or adapters."""
-    if adapter_cfg is None:
-        return lambda trainable, frozen, inputs, rng: model.apply({"params": trainable}, inputs)
-    adapted = inject(model.apply, adapter_cfg)
-    return lambda trainable, frozen, inputs, rng: adapted(frozen, trainable, inputs, dropout_rng=rng)
+    """forward(trainable, frozen, batch, rng) -> logits, for full fine-tuning or adapters (and a trained head)."""
+    names = ("attention_mask", "token_type_ids") if is_classifier(model) else ()
+    adapted = None if adapter_cfg is None else inject(model.apply, adapter_cfg)
+
+    def forward(trainable, frozen, batch, rng):
+        kwargs = {k: batch[k] for k in names}
+        if adapted is None:
+            return model.apply({"params": trainable}, batch["inputs"], **kwargs)
+        adapters, head = split_trainable(trainable)
+        return adapted(with_head(frozen, head), adapters, batch["inputs"], dropout_rng=rng, **kwargs)
+
+    return forward
 
 
-def make_train_step(forward, tx: optax.GradientTransformation, grad_accum: int):
-    """train_step(state, frozen, batch, rng) -> (state, metrics); only state["trainable"] is differentiated."""
+def make_train_step(forward, tx: optax.GradientTransformation, grad_accum: int, metrics: Any = lm_metrics):
+    """train_step(state, frozen, batch, rng) -> (state, metrics); only state["trainable"] is differentiated.
+
+    ``metrics(logits, batch)`` returns sums with "nll"; the loss is nll / batch["loss_mask"].sum().
+    """
 
     def loss_fn(trainable, frozen, batch, rng, tokens):
-        sums = lm_metrics(forward(trainable, frozen, batch["inputs"], rng), batch)
+        sums = metrics(forward(trainable, frozen, batch, rng), batch)
         return sums["nll"] / tokens, sums
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -159,9 +205,9 @@ def make_train_step(forward, tx: optax.GradientTransformation, grad_accum: int):
     return train_step
 
 
-def make_eval_step(forward):
+def make_eval_step(forward, metrics: Any = lm_metrics):
     def eval_step(trainable, frozen, batch):
-        return lm_metrics(forward(trainable, frozen, batch["inputs"], None), batch)
+        return metrics(forward(trainable, frozen, batch, None), batch)
 
     return eval_step
 
@@ -216,12 +262,26 @@ def _global_batch(rows: dict[str, np.ndarray], sharding: Any, global_rows: int) 
 
 
 def _summarise(sums: dict[str, Any]) -> dict[str, float]:
+    if "examples" in sums:
+        return classification_summary(sums)
     sums = {k: float(v) for k, v in sums.items()}
     return {
         "loss": sums["nll"] / max(sums["tokens"], 1.0),
         "token_accuracy": sums["correct"] / max(sums["tokens"], 1.0),
         "exact_match": sums["exact"] / max(sums["sequences"], 1.0),
     }
+
+
+def classification_summary(sums: dict[str, Any]) -> dict[str, float]:
+    """Loss, accuracy, macro F1 and (two labels) the F1 of label 1, as GLUE reports for MRPC and QQP."""
+    tp, fp, fn = (np.asarray(sums[k], np.float64) for k in ("true_pos", "false_pos", "false_neg"))
+    f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1.0), 0.0)
+    examples = max(float(sums["examples"]), 1.0)
+    out = {"loss": float(sums["nll"]) / examples, "accuracy": float(sums["correct"]) / examples}
+    out["macro_f1"] = float(f1.mean())
+    if len(f1) == 2:
+        out["f1"] = float(f1[1])
+    return out
 
 
 def count_params(tree: Any) -> int:
@@ -283,6 +343,12 @@ def build(config: ml_collections.ConfigDict) -> Run:
         config = copy.deepcopy(config)
         config.train.steps = config.train.epochs * source.epoch_steps(config.train.batch_size)
     model, params = load_base(config)
+    classify = data_lib.is_classification(source)
+    if classify != is_classifier(model):
+        raise ConfigError(
+            f"data.source={config.data.source!r} does not fit {type(model).__name__}: sequence classification "
+            "needs model.num_labels > 0 (a BERT-family encoder) with data.source='classification'"
+        )
     if source.vocab_size > model.config.vocab_size:
         raise ConfigError(f"data needs a vocabulary of {source.vocab_size}; the model has {model.config.vocab_size}")
     logical = models.logical_axes(model)
@@ -295,6 +361,9 @@ def build(config: ml_collections.ConfigDict) -> Run:
         adapters = init_adapters(jax.random.key(config.seed), params, adapter_cfg)
         trainable_sharding = parallel.adapter_shardings(adapters, logical, mesh, rules)
         trainable, frozen, frozen_sharding = jax.device_put(adapters, trainable_sharding), params, param_sharding
+        if classify:  # the new head is trained in full, as PEFT's modules_to_save
+            trainable = {"adapters": trainable, "head": params[HEAD]}
+            trainable_sharding = {"adapters": trainable_sharding, "head": param_sharding[HEAD]}
 
     tx = make_optimizer(config, trainable)
     replicated = parallel.replicated(mesh)
@@ -308,14 +377,15 @@ def build(config: ml_collections.ConfigDict) -> Run:
     state_sharding = {"step": replicated, "trainable": trainable_sharding, "opt_state": opt_sharding}
     batch_sharding = parallel.batch_sharding(mesh)
     forward = make_forward(model, adapter_cfg)
+    metrics = classification_metrics if classify else lm_metrics
     train_step = jax.jit(
-        make_train_step(forward, tx, config.train.grad_accum),
+        make_train_step(forward, tx, config.train.grad_accum, metrics),
         in_shardings=(state_sharding, frozen_sharding, batch_sharding, replicated),
         out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),
     )
     eval_step = jax.jit(
-        make_eval_step(forward),
+        make_eval_step(forward, metrics),
         in_shardings=(trainable_sharding, frozen_sharding, batch_sharding),
         out_shardings=replicated,
     )
@@ -434,28 +504,36 @@ def _export(config, model, params, adapter_cfg, trainable, workdir: pathlib.Path
     if adapter_cfg is None:
         io.save_hf(model, trainable, workdir / "model")
         return
+    adapters, head = split_trainable(trainable)
     if config.export.peft:
         io.export_peft(
-            trainable,
+            adapters,
             adapter_cfg,
             workdir / "adapter",
             model=model,
             base_model_name_or_path=config.model.hf_dir or None,
+            head=head,
         )
     if config.export.merged:
-        io.save_hf(model, merge(jax.device_get(params), trainable, adapter_cfg), workdir / "merged")
+        io.save_hf(model, with_head(merge(jax.device_get(params), adapters, adapter_cfg), head), workdir / "merged")
 
 
 def _report(summary: dict[str, Any], workdir: pathlib.Path) -> str:
     before, after = summary["before"], summary["after"]
+    names = {
+        "exact_match": "exact match",
+        "token_accuracy": "token acc.",
+        "accuracy": "accuracy",
+        "macro_f1": "macro F1",
+        "f1": "F1",
+        "loss": "loss",
+    }
     lines = [
         f"{summary['method']}: {summary['trainable_params']:,} trainable of {summary['total_params']:,} parameters "
-        f"({100 * summary['trainable_share']:.2f}%)",
-        f"  eval exact match  {before['exact_match']:.3f} -> {after['exact_match']:.3f}",
-        f"  eval token acc.   {before['token_accuracy']:.3f} -> {after['token_accuracy']:.3f}",
-        f"  eval loss         {before['loss']:.4f} -> {after['loss']:.4f}",
-        f"  written to {workdir}",
+        f"({100 * summary['trainable_share']:.2f}%)"
     ]
+    lines += [f"  eval {label:<12} {before[k]:.4f} -> {after[k]:.4f}" for k, label in names.items() if k in after]
+    lines.append(f"  written to {workdir}")
     return "\n".join(lines)
 
 

@@ -73,12 +73,12 @@ def test_batched_scores_equal_scoring_each_candidate_alone(trained_run):
     root, tokenizer = trained_run
     run, trainable, _ = train.restore_latest(root / "run")
     forward = train.make_forward(run.model, run.adapter_cfg)
-    score = jax.jit(lambda b: evaluate.sequence_logprobs(forward(trainable, run.frozen, b["inputs"], None), b))
+    score = jax.jit(lambda b: evaluate.sequence_logprobs(forward(trainable, run.frozen, b, None), b))
     batched = evaluate.score_records(BOOLQ, "boolq", tokenizer, score, 64, batch_size=4)
     alone = evaluate.score_records(BOOLQ, "boolq", tokenizer, score, 64, batch_size=1)
     assert batched == alone and set(batched) <= {"true", "false"}
     ids, scored = evaluate.candidate_rows(BOOLQ[0], "boolq", tokenizer, 64)[0]
-    logits = forward(trainable, run.frozen, jnp.asarray(ids[None, :-1]), None)[0]
+    logits = forward(trainable, run.frozen, {"inputs": jnp.asarray(ids[None, :-1])}, None)[0]
     direct = jax.nn.log_softmax(logits)[np.arange(len(ids) - 1), ids[1:]][scored[1:]].sum()
     rows = evaluate.pack_rows([(ids, scored)], 63)
     np.testing.assert_allclose(score(rows)[0], direct, rtol=1e-5)
@@ -136,7 +136,7 @@ def test_perplexity_is_exp_of_the_mean_nll_of_the_trained_response_tokens(traine
     forward = train.make_forward(run.model, run.adapter_cfg)
     nll = tokens = 0.0
     for ids, trained in encode_all(BOOLQ, tokenizer, 64, 2, train_on_inputs=False):
-        logits = forward(trainable, run.frozen, jnp.asarray(ids[None, :-1]), None)[0]
+        logits = forward(trainable, run.frozen, {"inputs": jnp.asarray(ids[None, :-1])}, None)[0]
         log_probs = jax.nn.log_softmax(logits)[np.arange(len(ids) - 1), ids[1:]]
         nll, tokens = nll - float(log_probs[trained[1:]].sum()), tokens + trained[1:].sum()
     assert results["boolq"]["tokens"] == tokens == 5 * len("the correct answer is true </s>".split())

@@ -18,7 +18,7 @@ import numpy as np
 from dora_jax.data.synthetic import SyntheticTask
 from dora_jax.errors import ConfigError
 
-SOURCES = ("synthetic", "instruction", "tfds")
+SOURCES = ("synthetic", "instruction", "tfds", "classification")
 
 
 class Source(Protocol):
@@ -59,6 +59,13 @@ class SyntheticSource:
         return [self.task.rows(self.seed, i, self.eval_batch_size, split="eval") for i in range(self.eval_count)]
 
 
+def is_classification(source: Source) -> bool:
+    """Whether batches hold labelled texts for a classifier (not next-token targets)."""
+    from dora_jax.data.classification import ClassificationSource
+
+    return isinstance(source, ClassificationSource)
+
+
 def eos_id(directory: pathlib.Path) -> int | None:
     """The EOS token id a model directory's config.json or generation_config.json names."""
     for name in ("generation_config.json", "config.json"):
@@ -70,11 +77,50 @@ def eos_id(directory: pathlib.Path) -> int | None:
     return None
 
 
+def _tokenizer_dir(config: Any) -> pathlib.Path:
+    """data.tokenizer_dir, else the base model's directory (which must then be set)."""
+    from dora_jax.run_config import require_path
+
+    data = config.data
+    key, directory = (
+        ("data.tokenizer_dir", data.tokenizer_dir) if data.tokenizer_dir else ("model.hf_dir", config.model.hf_dir)
+    )
+    return pathlib.Path(require_path(key, "" if directory == "random" else directory))
+
+
+def _classification_source(config: Any) -> Source:
+    from dora_jax.data import classification
+    from dora_jax.io import load_tokenizer
+
+    data = config.data
+    if config.model.num_labels <= 0:
+        raise ConfigError("data.source='classification' needs model.num_labels > 0 (e.g. 2 for glue/sst2)")
+    if data.tfds_name:
+        records = classification.load_tfds(data.tfds_name, data.tfds_split, data.tfds_data_dir)
+        origin = f"TFDS {data.tfds_name} split {data.tfds_split}"
+    elif data.path:
+        records, origin = classification.load_file(data.path), data.path
+    else:
+        raise ConfigError("data.source='classification' needs data.path (a JSON/JSONL file) or data.tfds_name")
+    return classification.ClassificationSource(
+        records,
+        origin,
+        load_tokenizer(_tokenizer_dir(config)),
+        data.cutoff_len,
+        config.model.num_labels,
+        config.seed,
+        data.val_size,
+        data.eval_batch_size,
+    )
+
+
 def make_source(config: Any) -> Source:
     """The source a run's ``config.data`` names."""
     data = config.data
     if data.source not in SOURCES:
         raise ConfigError(f"data.source {data.source!r} is unknown; sources: {list(SOURCES)}")
+    if data.source == "classification":
+        return _classification_source(config)
     if data.source in ("instruction", "tfds"):
         from dora_jax.data import commonsense, tfds_source
         from dora_jax.data.instruction import InstructionSource
@@ -88,10 +134,7 @@ def make_source(config: Any) -> Source:
         else:
             origin = require_path("data.path", data.path)
             records = commonsense.load(origin)
-        key, directory = (
-            ("data.tokenizer_dir", data.tokenizer_dir) if data.tokenizer_dir else ("model.hf_dir", config.model.hf_dir)
-        )
-        directory = pathlib.Path(require_path(key, "" if directory == "random" else directory))
+        directory = _tokenizer_dir(config)
         return InstructionSource(
             records,
             origin,

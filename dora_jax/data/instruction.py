@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from dora_jax.data import commonsense
+from dora_jax.data import commonsense, sampling
 
 PAD_ID = 0  # the official code pads with id 0 (unk); padded positions carry no loss
 
@@ -83,11 +83,15 @@ class InstructionSource:
 
     def __post_init__(self) -> None:
         records = self.records
-        order = np.random.default_rng([self.seed, 2]).permutation(len(records))
-        encoded = [
-            encode(records[i], self.tokenizer, self.cutoff_len, self.eos_id, self.train_on_inputs) for i in order
-        ]
-        self.val, self.train = encoded[: self.val_size], encoded[self.val_size :]
+        val, train = sampling.holdout(len(records), self.seed, self.val_size)
+        encoded = encode_all(
+            [records[i] for i in np.concatenate([val, train])],
+            self.tokenizer,
+            self.cutoff_len,
+            self.eos_id,
+            self.train_on_inputs,
+        )
+        self.val, self.train = encoded[: len(val)], encoded[len(val) :]
         if not self.train:
             raise commonsense.DataError(
                 f"{self.origin}: {len(records)} records leave none for training after val_size={self.val_size}"
@@ -98,23 +102,12 @@ class InstructionSource:
     def batch(
         self, index: int, batch_size: int, process_index: int = 0, process_count: int = 1
     ) -> dict[str, np.ndarray]:
-        rows = batch_size // process_count
-        positions = np.arange(
-            index * batch_size + process_index * rows, index * batch_size + (process_index + 1) * rows
-        )
-        epochs, offsets = np.divmod(positions, len(self.train))
-        orders = {
-            int(e): np.random.default_rng([self.seed, 3, int(e)]).permutation(len(self.train)) for e in set(epochs)
-        }
-        return pack_rows([self.train[orders[int(e)][o]] for e, o in zip(epochs, offsets, strict=True)], self.seq_len)
+        items = sampling.batch_items(index, batch_size, len(self.train), self.seed, process_index, process_count)
+        return pack_rows([self.train[i] for i in items], self.seq_len)
 
     def eval_batches(self) -> list[dict[str, np.ndarray]]:
-        size, batches = self.eval_batch_size, []
-        for start in range(0, len(self.val), size):
-            chunk = self.val[start : start + size]
-            chunk = chunk + [(np.zeros(1, np.int32), np.zeros(1, bool))] * (size - len(chunk))  # no-loss filler rows
-            batches.append(pack_rows(chunk, self.seq_len))
-        return batches
+        filler = (np.zeros(1, np.int32), np.zeros(1, bool))  # no-loss rows
+        return [pack_rows(chunk, self.seq_len) for chunk in sampling.chunks(self.val, self.eval_batch_size, filler)]
 
     def epoch_steps(self, batch_size: int) -> int:
         return -(-len(self.train) // batch_size)

@@ -19,12 +19,13 @@ from dora_jax.data.commonsense import DataError
 Example = dict[str, Any]
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
+    """A TFDS text feature as str (ArrayRecord reads give bytes)."""
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def _numbered(word: str, texts: Sequence[Any], separator: str = " ") -> str:
-    return separator.join(f"{word}{i}: {_text(t)}" for i, t in enumerate(texts, start=1))
+    return separator.join(f"{word}{i}: {text(t)}" for i, t in enumerate(texts, start=1))
 
 
 def _answer_format(word: str, count: int) -> str:
@@ -34,7 +35,7 @@ def _answer_format(word: str, count: int) -> str:
 def _label(example: Example, key: str = "label") -> int:
     label = int(np.asarray(example[key]))
     if label < 0:
-        raise DataError(f"example {_text(example.get('id', '?'))!r} has no label ({key}={label}): an unlabeled split")
+        raise DataError(f"example {text(example.get('id', '?'))!r} has no label ({key}={label}): an unlabeled split")
     return label
 
 
@@ -43,7 +44,7 @@ def _boolq(example: Example) -> dict[str, str]:
         answer = "true" if bool(np.asarray(example["answer"])) else "false"
     else:  # super_glue/boolq: ClassLabel names ['False', 'True']
         answer = "true" if _label(example) == 1 else "false"
-    question = _text(example["question"])
+    question = text(example["question"])
     return _record(
         f"Please answer the following question with true or false, question: {question}?\n\nAnswer format: true/false",
         answer,
@@ -53,7 +54,7 @@ def _boolq(example: Example) -> dict[str, str]:
 def _piqa(example: Example) -> dict[str, str]:
     solutions = [example["sol1"], example["sol2"]]
     instruction = (
-        f"Please choose the correct solution to the question: {_text(example['goal'])}\n\n"
+        f"Please choose the correct solution to the question: {text(example['goal'])}\n\n"
         f"{_numbered('Solution', solutions, chr(10) * 2)}\n\n{_answer_format('solution', 2)}"
     )
     return _record(instruction, f"solution{_label(example) + 1}")
@@ -63,7 +64,7 @@ def _winogrande(example: Example) -> dict[str, str]:
     options = [example["option1"], example["option2"]]
     instruction = (
         "Please choose the correct answer to fill in the blank to complete the given sentence: "
-        f"{_text(example['sentence'])}\n\n{_numbered('Option', options)} {_answer_format('option', 2)}"
+        f"{text(example['sentence'])}\n\n{_numbered('Option', options)} {_answer_format('option', 2)}"
     )
     return _record(instruction, f"option{_label(example) + 1}")  # ClassLabel names ['1', '2']
 
@@ -87,14 +88,14 @@ def _arc(example: Example) -> dict[str, str]:
     labels = [int(x) for x in np.asarray(example["choices"]["label"])]
     key = _label(example, "answerKey")
     if key not in labels:
-        raise DataError(f"ARC example {_text(example.get('id', '?'))!r}: answerKey {key} is not among labels {labels}")
-    return _multiple_choice(_text(example["question"]), list(example["choices"]["text"]), labels.index(key))
+        raise DataError(f"ARC example {text(example.get('id', '?'))!r}: answerKey {key} is not among labels {labels}")
+    return _multiple_choice(text(example["question"]), list(example["choices"]["text"]), labels.index(key))
 
 
 def _openbookqa(example: Example) -> dict[str, str]:
     question = example["question"]
     answers = [question[f"choice_{letter}"] for letter in "ABCD"]
-    return _multiple_choice(_text(question["stem"]), answers, _label(example, "answerKey"))
+    return _multiple_choice(text(question["stem"]), answers, _label(example, "answerKey"))
 
 
 def _hellaswag(example: Example) -> dict[str, str]:
@@ -102,7 +103,7 @@ def _hellaswag(example: Example) -> dict[str, str]:
     _check_count("endings", len(endings), range(4, 5))
     instruction = (
         "Please choose the correct ending to complete the given sentence: "
-        f"{_text(example['activity_label'])}: {_text(example['context'])}\n\n"
+        f"{text(example['activity_label'])}: {text(example['context'])}\n\n"
         f"{_numbered('Ending', endings)}\n\n{_answer_format('ending', len(endings))}"
     )
     return _record(instruction, f"ending{_label(example) + 1}")

@@ -29,7 +29,8 @@ from dora_jax.io.safetensors_dir import INDEX, CheckpointError, SafetensorsDirec
 log = logging.getLogger(__name__)
 
 # Leaves that HF itself initialises when a checkpoint lacks them (e.g. roberta-base has no pooler).
-OPTIONAL_LEAVES = re.compile(r"(bert/)?pooler/dense/(kernel|bias)")
+# Leaves HF initialises when a checkpoint lacks them (a base encoder loaded as a classifier).
+OPTIONAL_LEAVES = re.compile(r"(bert/)?pooler/dense/(kernel|bias)|classifier/(kernel|bias)")
 # Buffers some checkpoints carry that are not parameters.
 BUFFERS = re.compile(r".*(position_ids|rotary_emb\.inv_freq|masked_bias|attn\.bias)$")
 TOKENIZER_FILES = (
@@ -56,21 +57,34 @@ def read_config(hf_dir: str | pathlib.Path) -> dict[str, Any]:
 
 
 def _resolve(tensors: SafetensorsDirectory, name: str, model_type: str) -> str | None:
-    """The checkpoint's name for ``name``: as is, or under a task model's ``<model_type>.`` prefix."""
-    for candidate in (name, f"{model_type}.{name}"):
+    """The checkpoint's name for ``name``: as is, under a task model's ``<model_type>.`` prefix, or without it."""
+    prefix = f"{model_type}."
+    for candidate in (name, prefix + name, name.removeprefix(prefix)):
         if candidate in tensors:
             return candidate
     return None
 
 
-def load_hf(hf_dir: str | pathlib.Path, dtype: Any = jnp.float32, compute_dtype: Any = None) -> tuple[Any, Any]:
+def load_hf(
+    hf_dir: str | pathlib.Path, dtype: Any = jnp.float32, compute_dtype: Any = None, num_labels: int = 0
+) -> tuple[Any, Any]:
     """(Flax module, params) of a local HF directory of a Llama- or BERT-family model.
 
     ``dtype`` is the dtype of the params; ``compute_dtype`` (default: ``dtype``) the dtype
-    activations are computed in, e.g. float32 params with bfloat16 compute.
+    activations are computed in, e.g. float32 params with bfloat16 compute. ``num_labels > 0``
+    loads a BERT-family encoder as a sequence classifier with that many labels; a classifier
+    head (or pooler) the checkpoint lacks is initialised as HF does (normal(0.02), zero bias).
     """
     hf_dir = pathlib.Path(hf_dir)
     config = read_config(hf_dir)
+    if num_labels:
+        config = {
+            **config,
+            "architectures": ["BertForSequenceClassification"],
+            "id2label": config.get("id2label")
+            if len(config.get("id2label") or {}) == num_labels
+            else {str(i): f"LABEL_{i}" for i in range(num_labels)},
+        }
     try:
         model = models.from_hf_config(config, dtype=compute_dtype or dtype, param_dtype=dtype)
     except ConfigError as err:

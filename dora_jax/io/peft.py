@@ -89,8 +89,13 @@ def export_peft(
     *,
     model: Any,
     base_model_name_or_path: str | None = None,
+    head: Any = None,
 ) -> pathlib.Path:
-    """Writes ``adapters`` as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads."""
+    """Writes ``adapters`` as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
+
+    ``head``: the trained ``classifier`` params of a sequence classifier, saved as PEFT saves
+    ``modules_to_save`` (``base_model.model.classifier.weight`` / ``.bias``).
+    """
     kernels = _kernel_modules(model)
     entries = adapter_entries(adapters)
     tensors: dict[str, np.ndarray] = {}
@@ -105,6 +110,9 @@ def export_peft(
         tensors[key + SUFFIXES["b"]] = np.ascontiguousarray(np.asarray(adapter["b"]).T)
         if cfg.method == "dora":
             tensors[key + SUFFIXES["m"]] = np.asarray(adapter["m"])
+    if head is not None:
+        tensors[PREFIX + "classifier.weight"] = np.ascontiguousarray(np.asarray(head["kernel"]).T)
+        tensors[PREFIX + "classifier.bias"] = np.asarray(head["bias"])
     config = {
         "peft_type": "LORA",
         "task_type": task_type(model),
@@ -118,7 +126,7 @@ def export_peft(
         "fan_in_fan_out": False,
         "bias": "none",
         "init_lora_weights": True if cfg.init == "kaiming_uniform" else "gaussian",
-        "modules_to_save": None,
+        "modules_to_save": None if head is None else ["classifier"],
         "rank_pattern": {},
         "alpha_pattern": {},
         "inference_mode": True,
