@@ -1,4 +1,4 @@
-"""Greedy decoding for the Llama family, with or without the key/value cache.
+"""Greedy decoding and beam search for the Llama family on the key/value cache, each one compiled loop.
 
 ``forward(ids, **kwargs)`` is the model's apply with its params bound, e.g.
 ``lambda ids, **kw: model.apply({"params": params}, ids, **kw)`` or an ``inject``-adapted one.
@@ -27,10 +27,9 @@ def _decode_mask(prompt_mask: jax.Array, max_new_tokens: int) -> jax.Array:
 
 
 def _cached_next_logits(forward: Callable[..., Any], mask: jax.Array) -> Callable[..., Any]:
-    """Jitted (ids, cache, index) -> (last position's logits, cache): one step on the cache."""
+    """(ids, cache, index) -> (last position's logits, cache): one step on the cache (traceable)."""
     positions = _positions(mask)
 
-    @jax.jit
     def step(ids, cache, index):
         logits, cache = forward(
             ids,
@@ -72,12 +71,19 @@ def greedy(
         logits, cache = next_logits(ids, cache, index)
         return jnp.argmax(logits, axis=-1).astype(prompt_ids.dtype), cache
 
-    token, cache = step(prompt_ids, init_cache(config, batch, total, cache_dtype), 0)
-    tokens = [token]
-    for index in range(prompt_len, total - 1):
-        token, cache = step(token[:, None], cache, index)
-        tokens.append(token)
-    return jnp.stack(tokens, axis=1)
+    @jax.jit
+    def decode(prompt_ids, cache):  # prefill, then one compiled loop over the new tokens
+        token, cache = step(prompt_ids, cache, 0)
+        tokens = jnp.zeros((batch, max_new_tokens), prompt_ids.dtype).at[:, 0].set(token)
+
+        def body(i, carry):
+            tokens, cache = carry
+            token, cache = step(jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1), cache, prompt_len + i - 1)
+            return tokens.at[:, i].set(token), cache
+
+        return jax.lax.fori_loop(1, max_new_tokens, body, (tokens, cache))[0]
+
+    return decode(prompt_ids, init_cache(config, batch, total, cache_dtype))
 
 
 def beam_search(
@@ -107,7 +113,6 @@ def beam_search(
         logits, cache = next_logits(ids, cache, index)
         return jax.nn.log_softmax(logits.astype(jnp.float32)), cache
 
-    @jax.jit
     def select(scores, finished, lengths, tokens, logp, cache, step):
         vocab = logp.shape[-1]
         logp = logp.reshape(batch, k, vocab)
@@ -125,16 +130,27 @@ def beam_search(
         cache = jax.tree.map(lambda c: c[rows], cache)
         return scores, finished, lengths, tokens.reshape(batch, k, -1), cache
 
-    # Only the first beam of each prompt is live at the start, so the k beams begin distinct.
-    scores = jnp.tile(jnp.array([0.0] + [-jnp.inf] * (k - 1)), (batch, 1))
-    finished = jnp.zeros((batch, k), bool)
-    lengths = jnp.zeros((batch, k), jnp.int32)
-    tokens = jnp.zeros((batch, k, max_new_tokens), prompt_ids.dtype)
-    logp, cache = logprobs(ids, init_cache(config, batch * k, total, cache_dtype), 0)
-    for step in range(max_new_tokens):
-        scores, finished, lengths, tokens, cache = select(scores, finished, lengths, tokens, logp, cache, step)
-        if step < max_new_tokens - 1:
-            logp, cache = logprobs(tokens[:, :, step].reshape(-1, 1), cache, prompt_len + step)
+    @jax.jit
+    def decode(ids, cache):  # prefill, then one compiled loop: select the beams, advance them
+        # Only the first beam of each prompt is live at the start, so the k beams begin distinct.
+        scores = jnp.tile(jnp.array([0.0] + [-jnp.inf] * (k - 1)), (batch, 1))
+        finished = jnp.zeros((batch, k), bool)
+        lengths = jnp.zeros((batch, k), jnp.int32)
+        tokens = jnp.zeros((batch, k, max_new_tokens), prompt_ids.dtype)
+        logp, cache = logprobs(ids, cache, 0)
+
+        def body(step, carry):
+            scores, finished, lengths, tokens, logp, cache = carry
+            scores, finished, lengths, tokens, cache = select(scores, finished, lengths, tokens, logp, cache, step)
+            token = jax.lax.dynamic_index_in_dim(tokens, step, axis=2, keepdims=False)
+            logp, cache = logprobs(token.reshape(-1, 1), cache, prompt_len + step)
+            return scores, finished, lengths, tokens, logp, cache
+
+        carry = (scores, finished, lengths, tokens, logp, cache)
+        scores, finished, lengths, tokens, logp, cache = jax.lax.fori_loop(0, max_new_tokens - 1, body, carry)
+        return select(scores, finished, lengths, tokens, logp, cache, max_new_tokens - 1)[:4]
+
+    scores, finished, lengths, tokens = decode(ids, init_cache(config, batch * k, total, cache_dtype))
     normalised = scores / jnp.maximum(lengths, 1) if eos_id is not None else scores
     best = jnp.argmax(normalised, axis=1)
     pick = lambda x: jnp.take_along_axis(x, best[:, None], axis=1)[:, 0]  # noqa: E731

@@ -3,6 +3,7 @@
     python -m scripts.benchmark                         # MiniLM and Llama shapes, 16 x 128 tokens, r=16
     python -m scripts.benchmark --models minilm --steps 20 --json out.json
     python -m scripts.benchmark --device-count 8        # sharded (data parallel) on 8 forced host devices
+    python -m scripts.benchmark --models minilm --peft  # with PyTorch PEFT's full / LoRA / DoRA steps
 
 For each model shape it compiles one AdamW train step per variant (full fine-tuning; LoRA; DoRA
 with norm_grad exact and detach; each adapter method on the factored ``inject`` path and on the
@@ -39,6 +40,9 @@ def parse_args(argv=None):
     parser.add_argument("--paths", default="factored,merge", help="comma list of factored, merge")
     parser.add_argument("--device-count", type=int, default=0, help="forced host devices (data parallel)")
     parser.add_argument("--json", default="", help="also write the results to this file")
+    parser.add_argument(
+        "--peft", action="store_true", help="also time PyTorch PEFT (full, LoRA, DoRA) on the MiniLM shape, same loop"
+    )
     return parser.parse_args(argv)
 
 
@@ -171,35 +175,80 @@ def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
             trainable, opt_state = jax.device_put((trainable, opt_state), replicated)
             rng = jax.random.key(0)
             figures = compiled_figures(step, (trainable, frozen, opt_state, batch, rng))
-            runs[key] = {"step": step, "state": [trainable, frozen, opt_state], "figures": figures, "times": []}
+            run = {"step": step, "state": [trainable, frozen, opt_state], "figures": figures, "times": []}
+            run["advance"] = lambda run=run: _advance(run, batch)
+            runs[key] = run
+    if args.peft and name == "minilm":
+        runs.update(peft_runs(hf_config, ids, args))
     for _ in range(args.warmup):
         for run in runs.values():
-            _advance(run, batch)
+            run["advance"]()
     for _ in range(args.steps):  # round-robin: noise hits every variant alike
         for run in runs.values():
             start = time.perf_counter()
-            _advance(run, batch)
+            run["advance"]()
             run["times"].append(time.perf_counter() - start)
     rows = []
     medians = {key: float(np.median(run["times"])) for key, run in runs.items()}
     lora = medians.get("lora/factored", medians.get("lora/merge"))
     lora_peak = runs.get("lora/factored", runs.get("lora/merge"))["figures"]["peak_mib"]
     for key, run in runs.items():
+        torch_side = key.endswith("/torch")  # PEFT rows: ratios to PEFT's own LoRA and full fine-tuning
         ms = 1e3 * medians[key]
+        figures = run["figures"]
         rows.append(
             {
                 "model": name,
                 "variant": key,
                 "ms_per_step": ms,
                 "tokens_per_s": args.batch * args.seq / medians[key],
-                "vs_lora": medians[key] / lora,
-                "vs_full": medians[key] / medians["full"],
-                "peak_vs_lora": run["figures"]["peak_mib"] / lora_peak,
-                **run["figures"],
+                "vs_lora": medians[key] / (medians["peft_lora/torch"] if torch_side else lora),
+                "vs_full": medians[key] / medians["peft_full/torch" if torch_side else "full"],
+                "peak_vs_lora": figures["peak_mib"] / lora_peak if figures else None,
+                "gflop": figures.get("gflop"),
+                "peak_mib": figures.get("peak_mib"),
+                "temp_mib": figures.get("temp_mib"),
                 "devices": len(devices),
             }
         )
     return rows
+
+
+def peft_runs(hf_config: dict, ids, args) -> dict:
+    """PyTorch steps of the same shape and loss: full fine-tuning, PEFT LoRA and PEFT DoRA (AdamW, eager)."""
+    import peft
+    import torch
+    import transformers
+
+    config = transformers.BertConfig(**hf_config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    tokens = torch.tensor(np.asarray(ids), dtype=torch.long)
+    runs = {}
+    for variant in ("full", "lora", "dora"):
+        torch.manual_seed(0)
+        model = transformers.BertModel(config)
+        if variant != "full":
+            lora = peft.LoraConfig(
+                r=args.rank,
+                lora_alpha=2 * args.rank,
+                target_modules=r".*encoder.*\.(query|key|value|dense)",  # every linear layer of the encoder
+                use_dora=variant == "dora",
+                lora_dropout=0.0,
+            )
+            model = peft.get_peft_model(model, lora)
+            for name, p in model.named_parameters():  # B != 0: a trained adapter, as for the JAX variants
+                if "lora_B" in name:
+                    torch.nn.init.constant_(p, 0.01)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def advance(model=model, optimizer=optimizer):
+            optimizer.zero_grad(set_to_none=True)
+            loss = model(input_ids=tokens).last_hidden_state.pow(2).mean()
+            loss.backward()
+            optimizer.step()
+
+        runs[f"peft_{variant}/torch"] = {"advance": advance, "figures": {}, "times": []}
+    return runs
 
 
 def _advance(run, batch):
@@ -212,11 +261,15 @@ def _advance(run, batch):
 def table(rows: list[dict]) -> str:
     head = "| model | variant | ms/step | tokens/s | vs LoRA | vs full FT | GFLOP | peak MiB | peak vs LoRA |"
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(value, spec):
+        return "–" if value is None else format(value, spec)
+
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | "
-            f"{r['vs_lora']:.2f} | {r['vs_full']:.2f} | {r['gflop']:.1f} | {r['peak_mib']:.0f} | "
-            f"{r['peak_vs_lora']:.2f} |"
+            f"{r['vs_lora']:.2f} | {r['vs_full']:.2f} | {fmt(r['gflop'], '.1f')} | {fmt(r['peak_mib'], '.0f')} | "
+            f"{fmt(r['peak_vs_lora'], '.2f')} |"
         )
     return "\n".join(lines)
 

@@ -31,6 +31,7 @@ def rows():
             "1",
             "--llama-vocab",
             "128",
+            "--peft",
         ]
     )
     return benchmark.main(args)
@@ -39,18 +40,23 @@ def rows():
 def test_every_variant_of_every_model_is_measured(rows):
     variants = {(r["model"], r["variant"]) for r in rows}
     expected = {"full"} | {f"{v}/{p}" for v in ("lora", "dora_exact", "dora_detach") for p in ("factored", "merge")}
-    assert variants == {(m, v) for m in ("minilm", "llama") for v in expected}
-    assert all(r["ms_per_step"] > 0 and r["gflop"] > 0 and r["peak_mib"] > 0 for r in rows)
+    peft = {("minilm", f"peft_{v}/torch") for v in ("full", "lora", "dora")}  # --peft: the MiniLM shape only
+    assert variants == {(m, v) for m in ("minilm", "llama") for v in expected} | peft
+    jax_rows = [r for r in rows if not r["variant"].endswith("/torch")]
+    assert all(r["ms_per_step"] > 0 and r["gflop"] > 0 and r["peak_mib"] > 0 for r in jax_rows)
 
 
 def test_ratios_are_computed_from_the_runs_own_times(rows):
     for model in ("minilm", "llama"):
         by = {r["variant"]: r for r in rows if r["model"] == model}
         for r in by.values():
-            assert r["vs_lora"] == pytest.approx(r["ms_per_step"] / by["lora/factored"]["ms_per_step"])
-            assert r["vs_full"] == pytest.approx(r["ms_per_step"] / by["full"]["ms_per_step"])
-            assert r["peak_vs_lora"] == pytest.approx(r["peak_mib"] / by["lora/factored"]["peak_mib"])
+            torch_side = r["variant"].endswith("/torch")
+            lora, full = ("peft_lora/torch", "peft_full/torch") if torch_side else ("lora/factored", "full")
+            assert r["vs_lora"] == pytest.approx(r["ms_per_step"] / by[lora]["ms_per_step"])
+            assert r["vs_full"] == pytest.approx(r["ms_per_step"] / by[full]["ms_per_step"])
             assert r["tokens_per_s"] == pytest.approx(2 * 16 * 1000 / r["ms_per_step"])
+            if not torch_side:
+                assert r["peak_vs_lora"] == pytest.approx(r["peak_mib"] / by["lora/factored"]["peak_mib"])
 
 
 def test_data_throughput_counts_the_batches_it_builds():

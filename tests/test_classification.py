@@ -196,3 +196,18 @@ def test_evaluate_command_scores_a_classifier_run_on_a_labelled_file(classifier_
     assert "| accuracy | 1.0000 |" in (root / "run" / "eval" / "classification.md").read_text()
     with pytest.raises(ConfigError, match="give exactly one of --data_path"):
         evaluate.evaluate_classifier(root / "run")
+
+
+@pytest.mark.parametrize("task", ["sst2", "mrpc", "mnli", "bool_q"])
+def test_glue_configs_are_valid_and_refuse_to_start_without_the_encoder(tmp_path, task):
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location("glue_config", pathlib.Path("configs/glue.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(task)
+    run_config.check(c)
+    assert c.model.num_labels == (3 if task == "mnli" else 2)
+    with pytest.raises(ConfigError, match=r"model.hf_dir is not set"):
+        train.train_and_evaluate(c, tmp_path)

@@ -95,6 +95,7 @@ def _classification_source(config: Any) -> Source:
     data = config.data
     if config.model.num_labels <= 0:
         raise ConfigError("data.source='classification' needs model.num_labels > 0 (e.g. 2 for glue/sst2)")
+    tokenizer = load_tokenizer(_tokenizer_dir(config))  # paths are checked before any data is read
     if data.tfds_name:
         records = classification.load_tfds(data.tfds_name, data.tfds_split, data.tfds_data_dir)
         origin = f"TFDS {data.tfds_name} split {data.tfds_split}"
@@ -105,7 +106,7 @@ def _classification_source(config: Any) -> Source:
     return classification.ClassificationSource(
         records,
         origin,
-        load_tokenizer(_tokenizer_dir(config)),
+        tokenizer,
         data.cutoff_len,
         config.model.num_labels,
         config.seed,
