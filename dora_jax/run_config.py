@@ -28,6 +28,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.hf_dir = ""  # local HF directory of the base model; "" = the synthetic base below
     c.model.dtype = "float32"  # dtype of the params
     c.model.num_labels = 0  # > 0: a BERT-family encoder as a sequence classifier (head trained with the adapters)
+    c.model.remat = "none"  # Llama: none | full | dots, recompute layer activations in the backward (long sequences)
     c.model.compute_dtype = "float32"  # dtype of activations (bfloat16 on accelerators)
     c.model.base = ml_collections.ConfigDict()  # the synthetic base, built on first use and cached
     c.model.base.cache_dir = ""  # where to keep it; "" = $DORA_JAX_CACHE or ~/.cache/dora_jax

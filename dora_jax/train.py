@@ -86,11 +86,15 @@ def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     """(model, params) of the run's base model, params in ``model.dtype``."""
     dtype, compute = jnp.dtype(config.model.dtype), jnp.dtype(config.model.compute_dtype)
     if config.model.hf_dir == "random":
-        model = models.from_hf_config(config.model.base.architecture.to_dict(), dtype=compute, param_dtype=dtype)
+        model = models.from_hf_config(
+            config.model.base.architecture.to_dict(), dtype=compute, param_dtype=dtype, remat=config.model.remat
+        )
         return model, models.init_params(model, jax.random.key(config.seed))
     hf_dir = run_config.require_path("model.hf_dir", config.model.hf_dir) if config.model.hf_dir else None
     hf_dir = hf_dir or build_synthetic_base(config)
-    return io.load_hf(hf_dir, dtype=dtype, compute_dtype=compute, num_labels=config.model.num_labels)
+    return io.load_hf(
+        hf_dir, dtype=dtype, compute_dtype=compute, num_labels=config.model.num_labels, remat=config.model.remat
+    )
 
 
 # --- the pure steps -----------------------------------------------------------------------------

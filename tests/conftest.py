@@ -1,5 +1,7 @@
 """Small Flax models shared by the tests: an MLP of Dense layers and an attention block."""
 
+import pathlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -101,3 +103,13 @@ def perturb(adapters, key=3, scale=0.3):
     keys = jax.random.split(jax.random.key(key), len(leaves))
     moved = [leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys, strict=True)]
     return jax.tree.unflatten(treedef, moved)
+
+
+def load_config(path, argument):
+    """``get_config(argument)`` of a config file, as ``--config=path:argument`` loads it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem + "_config", pathlib.Path(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(argument)

@@ -9,6 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from test_models_hf import minilm_dir
 
+from conftest import load_config
 from dora_jax import io, run_config, train
 from dora_jax.data import classification
 from dora_jax.data.commonsense import DataError
@@ -69,12 +70,15 @@ def test_unicode_text_round_trips_through_a_jsonl_file(tmp_path):
     "content, message",
     [
         ('{"text": "ok", "label": 0}\n{"text": "bad"', r"train.jsonl:2: not valid JSON"),
-        ('{"text": "ok", "label": 0}\n{"label": 1}', r"train.jsonl:2 has no field 'text' \(fields: \['label'\]\)"),
-        ('{"text": "ok", "label": "1"}', r"train.jsonl:1 field 'label' is str, not int"),
-        ('{"text": "ok", "label": -1}', r"train.jsonl:1 field 'label' is -1: labels are 0, 1, ..."),
+        (
+            '{"text": "ok", "label": 0}\n{"label": 1}',
+            r"train.jsonl: record 1 has no field 'text' \(fields: \['label'\]\)",
+        ),
+        ('{"text": "ok", "label": "1"}', r"train.jsonl: record 0 field 'label' is str, not int"),
+        ('{"text": "ok", "label": -1}', r"train.jsonl: record 0 field 'label' is -1: labels are 0, 1, ..."),
     ],
 )
-def test_bad_records_name_the_file_line_and_field(tmp_path, content, message):
+def test_bad_records_name_the_file_the_line_or_record_and_the_field(tmp_path, content, message):
     path = tmp_path / "train.jsonl"
     path.write_text(content)
     with pytest.raises(DataError, match=message):
@@ -135,42 +139,46 @@ def test_dora_with_a_trained_head_learns_a_separable_task(classifier_run):
     assert summary["after"]["macro_f1"] == 1.0 and summary["after"]["loss"] < summary["before"]["loss"]
 
 
-def test_merged_export_is_a_transformers_classifier_with_the_runs_logits(classifier_run):
+def run_and_torch_logits(root, load_hf_model):
+    """(our logits, the torch model's logits) of the run's evaluation batch."""
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    root, _ = classifier_run
     run, trainable, _ = train.restore_latest(root / "run")
     batch = run.source.eval_batches()[0]
     ours = train.make_forward(run.model, run.adapter_cfg)(trainable, run.frozen, batch, None)
-    hf = transformers.BertForSequenceClassification.from_pretrained(root / "run" / "merged").eval()
     with torch.no_grad():
-        theirs = hf(
-            input_ids=torch.tensor(batch["inputs"], dtype=torch.long),
-            attention_mask=torch.tensor(batch["attention_mask"]),
-            token_type_ids=torch.tensor(batch["token_type_ids"], dtype=torch.long),
-        ).logits.numpy()
-    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4)
+        theirs = (
+            load_hf_model()
+            .eval()(**{key: torch.tensor(batch[name], dtype=torch.long) for key, name in TORCH_INPUTS})
+            .logits.numpy()
+        )
+    return np.asarray(ours), theirs
+
+
+TORCH_INPUTS = (("input_ids", "inputs"), ("attention_mask", "attention_mask"), ("token_type_ids", "token_type_ids"))
+
+
+def test_merged_export_is_a_transformers_classifier_with_the_runs_logits(classifier_run):
+    transformers = pytest.importorskip("transformers")
+    root, _ = classifier_run
+    ours, theirs = run_and_torch_logits(
+        root, lambda: transformers.BertForSequenceClassification.from_pretrained(root / "run" / "merged")
+    )
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_peft_export_carries_the_head_as_modules_to_save(classifier_run):
-    torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     root, _ = classifier_run
-    run, trainable, _ = train.restore_latest(root / "run")
-    batch = run.source.eval_batches()[0]
-    ours = train.make_forward(run.model, run.adapter_cfg)(trainable, run.frozen, batch, None)
     config = json.loads((root / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["classifier"] and config["task_type"] == "SEQ_CLS"
-    base = transformers.BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
-    hf = peft.PeftModel.from_pretrained(base, root / "run" / "adapter").eval()
-    with torch.no_grad():
-        theirs = hf(
-            input_ids=torch.tensor(batch["inputs"], dtype=torch.long),
-            attention_mask=torch.tensor(batch["attention_mask"]),
-            token_type_ids=torch.tensor(batch["token_type_ids"], dtype=torch.long),
-        ).logits.numpy()
-    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4)
+
+    def load():
+        base = transformers.BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
+        return peft.PeftModel.from_pretrained(base, root / "run" / "adapter")
+
+    ours, theirs = run_and_torch_logits(root, load)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_classification_needs_num_labels_and_a_fitting_model(tmp_path):
@@ -200,13 +208,7 @@ def test_evaluate_command_scores_a_classifier_run_on_a_labelled_file(classifier_
 
 @pytest.mark.parametrize("task", ["sst2", "mrpc", "mnli", "bool_q"])
 def test_glue_configs_are_valid_and_refuse_to_start_without_the_encoder(tmp_path, task):
-    import importlib.util
-    import pathlib
-
-    spec = importlib.util.spec_from_file_location("glue_config", pathlib.Path("configs/glue.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(task)
+    c = load_config("configs/glue.py", task)
     run_config.check(c)
     assert c.model.num_labels == (3 if task == "mnli" else 2)
     with pytest.raises(ConfigError, match=r"model.hf_dir is not set"):

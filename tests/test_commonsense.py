@@ -10,6 +10,7 @@ import tokenizers
 from tokenizers import models as tok_models
 from tokenizers import pre_tokenizers, processors
 
+from conftest import load_config
 from dora_jax import io, models, run_config, train
 from dora_jax.data import commonsense as cs
 from dora_jax.data.instruction import InstructionSource, encode
@@ -192,12 +193,7 @@ def test_instruction_tuning_runs_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("variant", ["llama7b_dora_r32", "llama7b_lora_r32", "llama3_8b_dora_r32"])
 def test_paper_configs_are_valid_and_refuse_to_start_without_paths(tmp_path, variant):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("commonsense_config", pathlib.Path("configs/commonsense.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(variant)
+    c = load_config("configs/commonsense.py", variant)
     run_config.check(c)
     cfg = run_config.adapter_config(c)
     assert cfg.rank * 2 == cfg.alpha and c.train.epochs == 3 and c.train.batch_size == 16

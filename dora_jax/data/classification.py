@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import pathlib
 from typing import Any
 
 import numpy as np
 
 from dora_jax.data import sampling, tfds_source
-from dora_jax.data.commonsense import DataError
+from dora_jax.data.records import DataError, read_records
 
 # TFDS name (without version) -> (text fields, label field, number of labels).
 TFDS_TASKS: dict[str, tuple[tuple[str, ...], str, int]] = {
@@ -35,30 +34,11 @@ TFDS_TASKS: dict[str, tuple[tuple[str, ...], str, int]] = {
 
 
 def load_file(path: str | pathlib.Path) -> list[dict[str, Any]]:
-    """The validated records of a JSON list or JSON Lines file; errors name the file, line or record and field."""
+    """The validated records of a JSON list or JSON Lines file; errors name the file, record and field."""
     path = pathlib.Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records, where = [], []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except ValueError as err:
-                    raise DataError(f"{path}:{number}: not valid JSON ({err})") from None
-                where.append(f"{path}:{number}")
-    else:
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg})") from None
-        if not isinstance(records, list):
-            raise DataError(f"{path}: expected a JSON list of records; got {type(records).__name__}")
-        where = [f"{path}: record {i}" for i in range(len(records))]
-    for record, place in zip(records, where, strict=True):
-        _check(record, place)
+    records = read_records(path)
+    for index, record in enumerate(records):
+        _check(record, f"{path}: record {index}")
     return records
 
 

@@ -10,12 +10,11 @@ score right with the exact text.
 
 from __future__ import annotations
 
-import json
 import pathlib
 import re
 from typing import Any
 
-from dora_jax.errors import DoraError
+from dora_jax.data.records import DataError, read_records
 
 TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
 FIELDS = ("instruction", "input", "output", "answer")
@@ -39,31 +38,10 @@ _HEAD_WITH_INPUT = (
 _HEAD = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 
 
-class DataError(DoraError):
-    """A data file or record is malformed: the message names the file, the record and the field."""
-
-
 def load(path: str | pathlib.Path) -> list[dict[str, str]]:
     """The validated records of a JSON list file (or JSON Lines, one record per line)."""
     path = pathlib.Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except ValueError as err:
-                    raise DataError(f"{path}:{number}: not valid JSON ({err})") from None
-    else:
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg})") from None
-        if not isinstance(records, list):
-            raise DataError(f"{path}: expected a JSON list of records; got {type(records).__name__}")
+    records = read_records(path)
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             raise DataError(f"{path}: record {index} is {type(record).__name__}, not an object with {list(FIELDS)}")

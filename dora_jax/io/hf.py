@@ -66,7 +66,11 @@ def _resolve(tensors: SafetensorsDirectory, name: str, model_type: str) -> str |
 
 
 def load_hf(
-    hf_dir: str | pathlib.Path, dtype: Any = jnp.float32, compute_dtype: Any = None, num_labels: int = 0
+    hf_dir: str | pathlib.Path,
+    dtype: Any = jnp.float32,
+    compute_dtype: Any = None,
+    num_labels: int = 0,
+    remat: str = "none",
 ) -> tuple[Any, Any]:
     """(Flax module, params) of a local HF directory of a Llama- or BERT-family model.
 
@@ -74,6 +78,7 @@ def load_hf(
     activations are computed in, e.g. float32 params with bfloat16 compute. ``num_labels > 0``
     loads a BERT-family encoder as a sequence classifier with that many labels; a classifier
     head (or pooler) the checkpoint lacks is initialised as HF does (normal(0.02), zero bias).
+    ``remat`` recomputes Llama layers in the backward pass (``models.llama.REMAT``).
     """
     hf_dir = pathlib.Path(hf_dir)
     config = read_config(hf_dir)
@@ -86,7 +91,7 @@ def load_hf(
             else {str(i): f"LABEL_{i}" for i in range(num_labels)},
         }
     try:
-        model = models.from_hf_config(config, dtype=compute_dtype or dtype, param_dtype=dtype)
+        model = models.from_hf_config(config, dtype=compute_dtype or dtype, param_dtype=dtype, remat=remat)
     except ConfigError as err:
         raise ConfigError(f"{hf_dir / 'config.json'}: {err}") from None
     table = models.hf_table(model)

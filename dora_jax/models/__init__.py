@@ -22,11 +22,17 @@ SUPPORTED_MODEL_TYPES = llama.MODEL_TYPES + bert.MODEL_TYPES
 ZOO = (LlamaForCausalLM, BertModel, BertForSequenceClassification)
 
 
-def from_hf_config(hf: dict[str, Any], dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> nn.Module:
-    """The zoo module for an HF config dict; ``dtype`` is the compute dtype."""
+def from_hf_config(
+    hf: dict[str, Any], dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, remat: str = "none"
+) -> nn.Module:
+    """The zoo module for an HF config dict; ``dtype`` is the compute dtype, ``remat`` a key of llama.REMAT."""
     model_type = hf.get("model_type")
     if model_type in llama.MODEL_TYPES:
-        return LlamaForCausalLM(LlamaConfig.from_hf(hf), dtype=dtype, param_dtype=param_dtype)
+        if remat not in llama.REMAT:
+            raise ConfigError(f"remat: expected one of {sorted(llama.REMAT)}; got {remat!r}")
+        return LlamaForCausalLM(LlamaConfig.from_hf(hf), dtype=dtype, param_dtype=param_dtype, remat=remat)
+    if remat != "none":
+        raise ConfigError(f"remat={remat!r} is supported for the Llama family, not model_type {model_type!r}")
     if model_type in bert.MODEL_TYPES:
         config = BertConfig.from_hf(hf)
         if "BertForSequenceClassification" in (hf.get("architectures") or []):

@@ -233,6 +233,16 @@ class LlamaDecoderLayer(nn.Module):
         return x + LlamaMLP(cfg, name="mlp", **kw)(h), cache
 
 
+# Activation rematerialisation of the decoder layers (long sequences): "none" keeps every
+# activation; "full" keeps only each layer's input and recomputes the rest in the backward pass;
+# "dots" also keeps the matmul outputs (less recomputation, more memory).
+REMAT = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class LlamaForCausalLM(nn.Module):
     """Causal LM: token ids (batch, seq) -> logits (batch, seq, vocab).
 
@@ -244,6 +254,7 @@ class LlamaForCausalLM(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32  # compute dtype (e.g. bfloat16)
     param_dtype: Any = jnp.float32
+    remat: str = "none"  # training: recompute each layer in the backward pass ("full" or "dots"; see REMAT)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_index=0):
@@ -259,9 +270,14 @@ class LlamaForCausalLM(nn.Module):
         embedding = embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), name="embed_tokens", **kw)
         x = embedding(input_ids)
         new_cache = []
+        if self.remat not in REMAT:
+            raise ConfigError(f"remat: expected one of {sorted(REMAT)}; got {self.remat!r}")
+        layer_cls = LlamaDecoderLayer
+        if REMAT[self.remat] is not None and cache is None:
+            layer_cls = nn.remat(LlamaDecoderLayer, policy=REMAT[self.remat])
         for i in range(cfg.num_hidden_layers):
             layer_cache = None if cache is None else cache[i]
-            x, layer_cache = LlamaDecoderLayer(cfg, name=f"layers_{i}", **kw)(
+            x, layer_cache = layer_cls(cfg, name=f"layers_{i}", **kw)(
                 x, position_ids, allowed, layer_cache, cache_index
             )
             new_cache.append(layer_cache)
