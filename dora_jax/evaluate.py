@@ -3,6 +3,7 @@
     python -m dora_jax.evaluate --workdir=RUN --data_dir=DIR [--tasks=boolq,piqa] [--limit=N]
     python -m dora_jax.evaluate --workdir=RUN --tfds=piqa,ai2_arc/ARC-Easy --tfds_data_dir=DIR
     python -m dora_jax.evaluate --workdir=RUN --data_dir=DIR --method=beam|greedy|perplexity
+    python -m dora_jax.evaluate --workdir=OUT --adapter=PEFT_DIR --base=HF_DIR --data_dir=DIR
 
 ``--method=loglik`` (default): every answer a record offers (its ``Answer format: a/b/c`` line)
 is scored as the response ``the correct answer is <a>`` after the official evaluation prompt;
@@ -167,6 +168,23 @@ def sharded_metric(run: Any, trainable: Any, metric: Any) -> Any:
     return functools.partial(jitted, trainable)
 
 
+def adapter_run(base_dir: str | pathlib.Path, adapter_dir: str | pathlib.Path, cutoff_len: int = 256) -> Any:
+    """(run, adapters) for a PEFT adapter directory over a local HF base model, ready to score.
+
+    The adapter (ours or PEFT's) is imported with ``io.import_peft``; the run is built as
+    ``dora_jax.train`` builds one (mesh, shardings) from a config with that adapter's settings.
+    """
+    base_dir = pathlib.Path(base_dir)
+    model = models.from_hf_config(io.read_config(base_dir))
+    adapters, cfg = io.import_peft(adapter_dir, models.abstract_params(model), model=model)
+    config = run_config.defaults()
+    config.model.hf_dir = str(base_dir)
+    config.adapter.update(cfg.to_dict())
+    config.data.cutoff_len = cutoff_len
+    run = train.build(config)
+    return run, jax.device_put(adapters, run.state_sharding["trainable"])
+
+
 def evaluate_run(
     workdir: str | pathlib.Path,
     data_dir: str | pathlib.Path | None = None,
@@ -177,6 +195,9 @@ def evaluate_run(
     tfds_names: list[str] | None = None,
     tfds_split: str = "validation",
     tfds_data_dir: str = "",
+    adapter_dir: str | pathlib.Path | None = None,
+    base_dir: str | pathlib.Path | None = None,
+    cutoff_len: int = 256,
 ) -> dict[str, dict[str, float]]:
     """Scores the run in ``workdir`` on each task's test records; writes ``eval/commonsense.{md,json}``.
 
@@ -185,12 +206,19 @@ def evaluate_run(
     "greedy" does the same with greedy decoding; "perplexity" is exp(mean NLL) of the gold
     responses (the tokens the run trained on). Records come from ``data_dir/<task>/test.json``
     or from the TFDS datasets ``tfds_names``. Scoring batches are sharded over the run's mesh.
+    With ``adapter_dir`` and ``base_dir`` it scores a PEFT adapter instead of a run (``workdir``
+    then only receives the tables; ``cutoff_len`` bounds the scored sequences).
     """
     workdir = pathlib.Path(workdir)
     if method not in METHODS:
         raise ConfigError(f"--method: expected one of {METHODS}; got {method!r}")
     records_by_task = task_records(data_dir, tasks, tfds_names, tfds_split, tfds_data_dir, limit)
-    run, trainable, step = train.restore_latest(workdir)
+    if adapter_dir:
+        if not base_dir:
+            raise ConfigError("--adapter needs --base: the HF directory of the model the adapter was trained on")
+        (run, trainable), step = adapter_run(base_dir, adapter_dir, cutoff_len), 0
+    else:
+        run, trainable, step = train.restore_latest(workdir)
     config = run.config
     parallel.check_batch(batch_size, run.mesh, "--batch_size")
     tokenizer_dir = config.data.tokenizer_dir or run_config.require_path("model.hf_dir", config.model.hf_dir)
@@ -279,7 +307,7 @@ def evaluate_classifier(
 
 
 def _write_tables(out: pathlib.Path, step: int, method: str, tasks: list[str], results: dict[str, Any]) -> None:
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "commonsense.json").write_text(json.dumps({"step": step, "method": method, "results": results}, indent=2))
     title = {
         "loglik": "Commonsense accuracy (log-likelihood multiple choice)",
@@ -319,12 +347,17 @@ def main(argv: list[str] | None = None) -> None:
     from absl import app, flags
     from absl import logging as absl_logging
 
-    workdir = flags.DEFINE_string("workdir", None, "The --workdir of a dora_jax.train run.", required=True)
+    workdir = flags.DEFINE_string(
+        "workdir", None, "The --workdir of a dora_jax.train run (with --adapter: where tables go).", required=True
+    )
     data_dir = flags.DEFINE_string("data_dir", None, "Directory with <task>/test.json files.")
     tfds_names = flags.DEFINE_list("tfds", [], f"TFDS datasets instead of files: {sorted(tfds_source.COMMONSENSE)}.")
     tfds_split = flags.DEFINE_string("tfds_split", "validation", "The TFDS split scored.")
     tfds_data_dir = flags.DEFINE_string("tfds_data_dir", "", "Where the TFDS datasets were prepared.")
     data_path = flags.DEFINE_string("data_path", "", "Classifier runs: a labelled JSON/JSONL file to score.")
+    adapter = flags.DEFINE_string("adapter", "", "Score a PEFT adapter directory instead of a run (needs --base).")
+    base = flags.DEFINE_string("base", "", "With --adapter: the HF directory of the base model.")
+    cutoff_len = flags.DEFINE_integer("cutoff_len", 256, "With --adapter: tokens per scored sequence.")
     tasks = flags.DEFINE_list("tasks", [], "Tasks to score (default: every task data_dir holds).")
     limit = flags.DEFINE_integer("limit", 0, "Score only the first N records of each task (0: all).")
     batch_size = flags.DEFINE_integer("batch_size", 16, "Scored sequences (loglik) or prompts (greedy) per batch.")
@@ -360,6 +393,9 @@ def main(argv: list[str] | None = None) -> None:
                 tfds_names.value,
                 tfds_split.value,
                 tfds_data_dir.value,
+                adapter.value or None,
+                base.value or None,
+                cutoff_len.value,
             )
         except DoraError as err:
             sys.exit(f"dora_jax.evaluate: {err}")

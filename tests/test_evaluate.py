@@ -154,3 +154,15 @@ def test_evaluation_needs_files_or_tfds(trained_run):
     root, _ = trained_run
     with pytest.raises(ConfigError, match=r"give --data_dir \(files <task>/test.json\) or --tfds"):
         evaluate.evaluate_run(root / "run")
+
+
+def test_a_peft_adapter_scores_like_the_run_it_came_from(trained_run, tmp_path):
+    root, _ = trained_run
+    from_run = evaluate.evaluate_run(root / "run", root / "data", batch_size=4)
+    from_adapter = evaluate.evaluate_run(
+        tmp_path / "out", root / "data", batch_size=4, adapter_dir=root / "run" / "adapter", base_dir=root / "base"
+    )
+    assert from_adapter == from_run
+    assert json.loads((tmp_path / "out" / "eval" / "commonsense.json").read_text())["step"] == 0
+    with pytest.raises(ConfigError, match=r"--adapter needs --base"):
+        evaluate.evaluate_run(tmp_path / "out", root / "data", adapter_dir=root / "run" / "adapter")
