@@ -161,11 +161,12 @@ def perplexity_sums(
 def sharded_metric(run: Any, trainable: Any, metric: Any) -> Any:
     """batch -> metric(logits, batch) of the run's model, jitted, batches split over the mesh like training."""
     forward = train.make_forward(run.model, run.adapter_cfg)
+    frozen_sharding = jax.tree.map(lambda x: x.sharding, run.frozen)  # passed, not closed over: no constants
     jitted = jax.jit(
-        lambda trainable, batch: metric(forward(trainable, run.frozen, batch, None), batch),
-        in_shardings=(run.state_sharding["trainable"], run.batch_sharding),
+        lambda trainable, frozen, batch: metric(forward(trainable, frozen, batch, None), batch),
+        in_shardings=(run.state_sharding["trainable"], frozen_sharding, run.batch_sharding),
     )
-    return functools.partial(jitted, trainable)
+    return functools.partial(jitted, trainable, run.frozen)
 
 
 def adapter_run(base_dir: str | pathlib.Path, adapter_dir: str | pathlib.Path, cutoff_len: int = 256) -> Any:
