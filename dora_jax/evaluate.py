@@ -29,8 +29,7 @@ import numpy as np
 from dora_jax import data as data_lib
 from dora_jax import generate, io, models, parallel, run_config, train
 from dora_jax.data import commonsense, sampling, tfds_source
-from dora_jax.data.commonsense import DataError
-from dora_jax.data.instruction import encode_all, pack_rows
+from dora_jax.data.instruction import NO_LOSS_ROW, encode_all, pack_rows
 from dora_jax.errors import ConfigError, DoraError
 from dora_jax.inject import inject
 
@@ -67,11 +66,9 @@ def score_records(
             rows.append(row)
             owners.append(index)
     scores = []
-    filler = (np.zeros(1, np.int32), np.zeros(1, bool))
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        batch = pack_rows(chunk + [filler] * (batch_size - len(chunk)), cutoff_len - 1)
-        scores.extend(np.asarray(score_fn(batch))[: len(chunk)].tolist())
+    for chunk in sampling.chunks(rows, batch_size, NO_LOSS_ROW):
+        scores.extend(np.asarray(score_fn(pack_rows(chunk, cutoff_len - 1))).tolist())
+    scores = scores[: len(rows)]  # without the filler rows of the last batch
     predictions = []
     for index, record in enumerate(records):
         options = commonsense.choices(record, task)
@@ -149,11 +146,9 @@ def perplexity_sums(
 ) -> dict[str, float]:
     """Summed NLL and token count of the records' training texts, on the tokens the run trains on."""
     encoded = encode_all(records, tokenizer, config.data.cutoff_len, eos_id, config.data.train_on_inputs)
-    filler = (np.zeros(1, np.int32), np.zeros(1, bool))
     nll = tokens = 0.0
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        sums = eval_fn(pack_rows(chunk + [filler] * (batch_size - len(chunk)), config.data.cutoff_len - 1))
+    for chunk in sampling.chunks(encoded, batch_size, NO_LOSS_ROW):
+        sums = eval_fn(pack_rows(chunk, config.data.cutoff_len - 1))
         nll, tokens = nll + float(sums["nll"]), tokens + float(sums["tokens"])
     return {"nll": nll, "tokens": tokens}
 
@@ -287,15 +282,12 @@ def evaluate_classifier(
         raise ConfigError(f"{workdir} trains {type(run.model).__name__}, not a sequence classifier")
     parallel.check_batch(batch_size, run.mesh, "--batch_size")
     source = run.source
-    for index, record in enumerate(records):
-        if record["label"] >= source.num_labels:
-            raise DataError(f"{origin}: record {index} has label {record['label']}; the run has {source.num_labels}")
-    encoded = classification.encode_all(records, source.tokenizer, source.max_len)
-    rows = [(ids, types, r["label"], True) for (ids, types), r in zip(encoded, records, strict=True)]
+    classification.check_labels(records, source.num_labels, origin)
+    rows = classification.labelled_rows(records, source.tokenizer, source.max_len)
     metric = sharded_metric(run, trainable, train.classification_metrics)
     totals = None
-    for chunk in sampling.chunks(rows, batch_size, ([source.pad_id], [0], 0, False)):
-        sums = metric(classification.pack_rows(chunk, source.max_len, source.pad_id))
+    for batch in classification.padded_batches(rows, batch_size, source.max_len, source.pad_id):
+        sums = metric(batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     summary = {**train.classification_summary(totals), "records": len(records)}
     out = workdir / "eval"

@@ -13,8 +13,7 @@ from typing import Any
 
 import jax
 
-from dora_jax import io, train
-from dora_jax.core import merge
+from dora_jax import train
 from dora_jax.errors import ConfigError, DoraError
 
 FORMATS = ("peft", "merged")
@@ -27,22 +26,9 @@ def export_run(workdir: str | pathlib.Path, fmt: str, out: str | pathlib.Path) -
         raise ConfigError(f"--format: expected one of {FORMATS}; got {fmt!r}")
     run, trainable, _ = train.restore_latest(workdir)
     trainable: Any = jax.device_get(trainable)
-    if run.adapter_cfg is None:
-        if fmt == "peft":
-            raise ConfigError(f"{workdir} is a full fine-tuning run: it has no adapter; use --format=merged")
-        return io.save_hf(run.model, trainable, out)
-    adapters, head = train.split_trainable(trainable)
-    if fmt == "peft":
-        return io.export_peft(
-            adapters,
-            run.adapter_cfg,
-            out,
-            model=run.model,
-            base_model_name_or_path=run.config.model.hf_dir or None,
-            head=head,
-        )
-    merged = merge(jax.device_get(run.params), adapters, run.adapter_cfg)
-    return io.save_hf(run.model, train.with_head(merged, head), out)
+    if run.adapter_cfg is None and fmt == "peft":
+        raise ConfigError(f"{workdir} is a full fine-tuning run: it has no adapter; use --format=merged")
+    return train.write_export(fmt, pathlib.Path(out), run.config, run.model, run.params, run.adapter_cfg, trainable)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -504,22 +504,33 @@ def restore_latest(workdir: str | pathlib.Path) -> tuple[Run, Any, int]:
     return run, state["trainable"], step
 
 
-def _export(config, model, params, adapter_cfg, trainable, workdir: pathlib.Path) -> None:
+def write_export(fmt: str, out: pathlib.Path, config, model, params, adapter_cfg, trainable) -> pathlib.Path:
+    """Writes a run's trained state to ``out``: "peft", the adapter (with a classifier's head), or
+    "merged", the HF model with the adapter folded in (for full fine-tuning, the model itself)."""
     if adapter_cfg is None:
-        io.save_hf(model, trainable, workdir / "model")
-        return
+        return io.save_hf(model, trainable, out)
     adapters, head = split_trainable(trainable)
-    if config.export.peft:
-        io.export_peft(
+    if fmt == "peft":
+        return io.export_peft(
             adapters,
             adapter_cfg,
-            workdir / "adapter",
+            out,
             model=model,
             base_model_name_or_path=config.model.hf_dir or None,
             head=head,
         )
+    return io.save_hf(model, with_head(merge(jax.device_get(params), adapters, adapter_cfg), head), out)
+
+
+def _export(config, model, params, adapter_cfg, trainable, workdir: pathlib.Path) -> None:
+    state = (config, model, params, adapter_cfg, trainable)
+    if adapter_cfg is None:
+        write_export("merged", workdir / "model", *state)
+        return
+    if config.export.peft:
+        write_export("peft", workdir / "adapter", *state)
     if config.export.merged:
-        io.save_hf(model, with_head(merge(jax.device_get(params), adapters, adapter_cfg), head), workdir / "merged")
+        write_export("merged", workdir / "merged", *state)
 
 
 def _report(summary: dict[str, Any], workdir: pathlib.Path) -> str:

@@ -63,14 +63,9 @@ def load_tfds(name: str, split: str, data_dir: str = "", limit: int = 0) -> list
     if key not in TFDS_TASKS:
         raise DataError(f"TFDS dataset {name!r} has no classification fields; supported: {sorted(TFDS_TASKS)}")
     fields, label_field, _ = TFDS_TASKS[key]
-    if key.startswith("glue/"):
-        import importlib
-
-        importlib.import_module("tensorflow_datasets.text.glue")  # registers glue (readable without TensorFlow)
-    examples = tfds_source.load_split(name, split, data_dir)
-    count = len(examples) if limit <= 0 else min(limit, len(examples))
+    examples = tfds_source.load_split(name, split, data_dir, limit)
     records = []
-    for i in range(count):
+    for i in range(len(examples)):
         example = examples[i]
         record = {"text": tfds_source.text(example[fields[0]]), "label": int(np.asarray(example[label_field]))}
         if len(fields) > 1:
@@ -121,6 +116,30 @@ def pack_rows(
     return out
 
 
+def check_labels(records: list[dict[str, Any]], num_labels: int, origin: str) -> None:
+    """Every label must be one the classifier has."""
+    for index, record in enumerate(records):
+        if record["label"] >= num_labels:
+            raise DataError(
+                f"{origin}: record {index} has label {record['label']}, "
+                f"but model.num_labels={num_labels} (labels 0..{num_labels - 1})"
+            )
+
+
+def labelled_rows(records: list[dict[str, Any]], tokenizer: Any, max_len: int) -> list[tuple[Any, ...]]:
+    """(token ids, segment ids, label, counts) of each record, ready for ``pack_rows``."""
+    encoded = encode_all(records, tokenizer, max_len)
+    return [(ids, types, r["label"], True) for (ids, types), r in zip(encoded, records, strict=True)]
+
+
+def padded_batches(
+    rows: list[tuple[Any, ...]], batch_size: int, max_len: int, pad_id: int
+) -> list[dict[str, np.ndarray]]:
+    """``rows`` in batches of ``batch_size``; the last is completed with rows that count for nothing."""
+    filler = ([pad_id], [0], 0, False)
+    return [pack_rows(chunk, max_len, pad_id) for chunk in sampling.chunks(rows, batch_size, filler)]
+
+
 @dataclasses.dataclass
 class ClassificationSource:
     """Batches of labelled texts; batch ``i`` is a slice of the epoch-wise shuffled training records."""
@@ -135,22 +154,13 @@ class ClassificationSource:
     eval_batch_size: int
 
     def __post_init__(self) -> None:
-        for index, record in enumerate(self.records):
-            if record["label"] >= self.num_labels:
-                raise DataError(
-                    f"{self.origin}: record {index} has label {record['label']}, "
-                    f"but model.num_labels={self.num_labels} (labels 0..{self.num_labels - 1})"
-                )
+        check_labels(self.records, self.num_labels, self.origin)
         val, train = sampling.holdout(len(self.records), self.seed, self.val_size)
         if not len(train):
             raise DataError(
                 f"{self.origin}: {len(self.records)} records leave none for training after val_size={self.val_size}"
             )
-        ordered = [self.records[i] for i in np.concatenate([val, train])]
-        encoded = [
-            (ids, types, r["label"], True)
-            for (ids, types), r in zip(encode_all(ordered, self.tokenizer, self.max_len), ordered, strict=True)
-        ]
+        encoded = labelled_rows([self.records[i] for i in np.concatenate([val, train])], self.tokenizer, self.max_len)
         self.val, self.train = encoded[: len(val)], encoded[len(val) :]
         pad = self.tokenizer.token_to_id("[PAD]")
         self.pad_id = 0 if pad is None else pad
@@ -164,11 +174,7 @@ class ClassificationSource:
         return pack_rows([self.train[i] for i in items], self.max_len, self.pad_id)
 
     def eval_batches(self) -> list[dict[str, np.ndarray]]:
-        filler = ([self.pad_id], [0], 0, False)
-        return [
-            pack_rows(chunk, self.max_len, self.pad_id)
-            for chunk in sampling.chunks(self.val, self.eval_batch_size, filler)
-        ]
+        return padded_batches(self.val, self.eval_batch_size, self.max_len, self.pad_id)
 
     def epoch_steps(self, batch_size: int) -> int:
         return -(-len(self.train) // batch_size)

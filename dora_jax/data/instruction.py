@@ -17,6 +17,7 @@ import numpy as np
 from dora_jax.data import commonsense, sampling
 
 PAD_ID = 0  # the official code pads with id 0 (unk); padded positions carry no loss
+NO_LOSS_ROW = (np.zeros(1, np.int32), np.zeros(1, bool))  # fills the last batch of a finite set
 
 
 def encode_all(
@@ -106,8 +107,8 @@ class InstructionSource:
         return pack_rows([self.train[i] for i in items], self.seq_len)
 
     def eval_batches(self) -> list[dict[str, np.ndarray]]:
-        filler = (np.zeros(1, np.int32), np.zeros(1, bool))  # no-loss rows
-        return [pack_rows(chunk, self.seq_len) for chunk in sampling.chunks(self.val, self.eval_batch_size, filler)]
+        chunks = sampling.chunks(self.val, self.eval_batch_size, NO_LOSS_ROW)
+        return [pack_rows(chunk, self.seq_len) for chunk in chunks]
 
     def epoch_steps(self, batch_size: int) -> int:
         return -(-len(self.train) // batch_size)

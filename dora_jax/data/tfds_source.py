@@ -127,7 +127,11 @@ COMMONSENSE: dict[str, tuple[str, Callable[[Example], dict[str, str]]]] = {
 
 
 # Builders TFDS registers only when their module is imported (they need no TensorFlow to read).
-_MODULES = {"hellaswag": "tensorflow_datasets.text.hellaswag", "winogrande": "tensorflow_datasets.text.winogrande"}
+_MODULES = {
+    "hellaswag": "tensorflow_datasets.text.hellaswag",
+    "winogrande": "tensorflow_datasets.text.winogrande",
+    "glue": "tensorflow_datasets.text.glue",
+}
 
 
 def base_name(name: str) -> str:
@@ -142,8 +146,11 @@ def commonsense_task(name: str) -> str:
     return COMMONSENSE[base_name(name)][0]
 
 
-def load_split(name: str, split: str, data_dir: str = "") -> Sequence[Example]:
-    """Random-access examples of a prepared TFDS split; errors name the dataset, split and data_dir."""
+def load_split(name: str, split: str, data_dir: str = "", limit: int = 0) -> Sequence[Example]:
+    """Random-access examples of a prepared TFDS split (the first ``limit`` as a list when > 0).
+
+    Errors name the dataset, the split and the data_dir.
+    """
     import importlib
 
     import tensorflow_datasets as tfds
@@ -153,13 +160,14 @@ def load_split(name: str, split: str, data_dir: str = "") -> Sequence[Example]:
         importlib.import_module(module)
     where = data_dir or "the default TFDS data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
     try:
-        return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+        examples = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     except Exception as err:  # TFDS raises several types (not found, not prepared, bad split, file format)
         raise DataError(
             f"TFDS {name!r} split {split!r} could not be opened from data_dir {where}: {type(err).__name__}: {err}. "
             f"Prepare it there with: tfds build {base_name(name)} --file_format=array_record"
             + (f" --data_dir={data_dir}" if data_dir else "")
         ) from None
+    return examples if limit <= 0 else [examples[i] for i in range(min(limit, len(examples)))]
 
 
 def to_record(name: str, example: Example) -> dict[str, str]:
@@ -171,6 +179,5 @@ def to_record(name: str, example: Example) -> dict[str, str]:
 def load_records(name: str, split: str, data_dir: str = "", limit: int = 0) -> list[dict[str, str]]:
     """The LLM-Adapters records of a TFDS split (the first ``limit`` when > 0)."""
     commonsense_task(name)
-    examples = load_split(name, split, data_dir)
-    count = len(examples) if limit <= 0 else min(limit, len(examples))
-    return [to_record(name, examples[i]) for i in range(count)]
+    examples = load_split(name, split, data_dir, limit)
+    return [to_record(name, examples[i]) for i in range(len(examples))]
