@@ -28,8 +28,6 @@ def from_hf_config(
     """The zoo module for an HF config dict; ``dtype`` is the compute dtype, ``remat`` a key of llama.REMAT."""
     model_type = hf.get("model_type")
     if model_type in llama.MODEL_TYPES:
-        if remat not in llama.REMAT:
-            raise ConfigError(f"remat: expected one of {sorted(llama.REMAT)}; got {remat!r}")
         return LlamaForCausalLM(LlamaConfig.from_hf(hf), dtype=dtype, param_dtype=param_dtype, remat=remat)
     if remat != "none":
         raise ConfigError(f"remat={remat!r} is supported for the Llama family, not model_type {model_type!r}")

@@ -256,6 +256,11 @@ class LlamaForCausalLM(nn.Module):
     param_dtype: Any = jnp.float32
     remat: str = "none"  # training: recompute each layer in the backward pass ("full" or "dots"; see REMAT)
 
+    def __post_init__(self):
+        if self.remat not in REMAT:
+            raise ConfigError(f"remat: expected one of {sorted(REMAT)}; got {self.remat!r}")
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_index=0):
         cfg = self.config
@@ -270,8 +275,6 @@ class LlamaForCausalLM(nn.Module):
         embedding = embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), name="embed_tokens", **kw)
         x = embedding(input_ids)
         new_cache = []
-        if self.remat not in REMAT:
-            raise ConfigError(f"remat: expected one of {sorted(REMAT)}; got {self.remat!r}")
         layer_cls = LlamaDecoderLayer
         if REMAT[self.remat] is not None and cache is None:
             layer_cls = nn.remat(LlamaDecoderLayer, policy=REMAT[self.remat])
