@@ -34,6 +34,7 @@ def get_config(preset: str = "dora_r32") -> ml_collections.ConfigDict:
             init="kaiming_uniform",
             dtype="float32",
             input_axes={},
+            forward="factored",
             **PRESETS[preset],
         )
     )

@@ -4,7 +4,9 @@
 ``model.apply({"params": merge(params, adapters, cfg)}, *args, **kwargs)``, but every targeted
 ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Einsum`` call is intercepted
 (``nn.intercept_methods``) and computed as ``(m/n)(x @ W0 + s drop(x) @ A @ B) + bias``, so the
-adapted kernel W' is never built on the training path. A targeted leaf that no such call reads
+adapted kernel W' is never built on the training path (``AdapterConfig.forward="folded"`` routes
+the calls through ``folded_dense`` instead: W0 + s A B built one layer at a time, the low-rank
+gradients from a custom VJP). A targeted leaf that no such call reads
 (a custom layer, a Dense with a custom ``dot_general``, a DenseGeneral with ``batch_dims``, an
 input-axes rule the layer does not contract) is merged into the params instead, so the result
 is the same either way; ``fallback="error"`` turns that into an InjectError.
@@ -27,7 +29,7 @@ from flax.linen.dtypes import promote_dtype
 from opt_einsum import parser as einsum_parser
 
 from dora_jax import targets
-from dora_jax.core import AdapterConfig, factored_dense, kernel_layout, matched_entries, merge
+from dora_jax.core import AdapterConfig, factored_dense, folded_dense, kernel_layout, matched_entries, merge
 from dora_jax.core.dora import Adapter
 from dora_jax.errors import ConfigError, InjectError
 
@@ -113,7 +115,7 @@ _HANDLERS: tuple[tuple[type, Callable], ...] = (
 
 
 class _Router:
-    """The method interceptor: sends targeted layer calls through ``factored_dense``."""
+    """The method interceptor: sends targeted layer calls through ``factored_dense`` (or ``folded_dense``)."""
 
     def __init__(self, entries: Mapping[str, Adapter], cfg: AdapterConfig, dropout_rng: jax.Array | None):
         self.entries, self.cfg, self.dropout_rng = entries, cfg, dropout_rng
@@ -136,8 +138,10 @@ class _Router:
             rng = jax.random.fold_in(jax.random.fold_in(self.dropout_rng, zlib.crc32(path.encode())), self.calls[path])
         self.calls[path] += 1
 
+        dense = folded_dense if self.cfg.forward == "folded" else factored_dense
+
         def route(x, w0, b, precision):
-            return factored_dense(x, w0, matrices, self.cfg, bias=b, dropout_rng=rng, precision=precision)
+            return dense(x, w0, matrices, self.cfg, bias=b, dropout_rng=rng, precision=precision)
 
         out = handler(module, args, kwargs, kernel, bias, axes, route)
         if out is None:

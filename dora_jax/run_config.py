@@ -58,6 +58,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.adapter.init = "kaiming_uniform"
     c.adapter.dtype = "float32"  # adapters stay float32 under bfloat16 compute
     c.adapter.input_axes = {}
+    c.adapter.forward = "factored"  # factored | folded (W0 + sAB built per layer; fewer activation passes)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # synthetic (offline) | instruction (LLM-Adapters JSON/JSONL) | tfds | classification

@@ -6,10 +6,11 @@
     python -m scripts.benchmark --models minilm --peft  # with PyTorch PEFT's full / LoRA / DoRA steps
 
 For each model shape it compiles one AdamW train step per variant (full fine-tuning; LoRA; DoRA
-with norm_grad exact and detach; each adapter method on the factored ``inject`` path and on the
-``merge`` path), then times the variants round-robin (median of ``--steps`` timed steps after
-warm-up, ``block_until_ready``) so that machine noise hits all of them alike. It prints ms/step,
-tokens/s, the ratios to LoRA (factored) and to full fine-tuning, XLA's compiled FLOPs
+with norm_grad exact and detach; each adapter method on the ``inject`` path with the factored and
+the folded forward (``AdapterConfig.forward``) and on the ``merge`` path), then times the variants
+round-robin (median of ``--steps`` timed steps after warm-up, ``block_until_ready``) so that
+machine noise hits all of them alike. It prints ms/step, tokens/s, the ratios to LoRA on the same
+path (DoRA folded against LoRA folded, ...) and to full fine-tuning, XLA's compiled FLOPs
 (``cost_analysis``) and peak memory (``memory_analysis``: arguments + outputs + temporaries −
 aliased), then the same as JSON. Ratios are computed from this run's own measurements.
 """
@@ -17,6 +18,7 @@ aliased), then the same as JSON. Ratios are computed from this run's own measure
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -37,7 +39,7 @@ def parse_args(argv=None):
     parser.add_argument("--llama-vocab", type=int, default=8192)
     parser.add_argument("--minilm-layers", type=int, default=6)
     parser.add_argument("--minilm-hidden", type=int, default=384)
-    parser.add_argument("--paths", default="factored,merge", help="comma list of factored, merge")
+    parser.add_argument("--paths", default="factored,folded,merge", help="comma list of factored, folded, merge")
     parser.add_argument("--device-count", type=int, default=0, help="forced host devices (data parallel)")
     parser.add_argument("--json", default="", help="also write the results to this file")
     parser.add_argument(
@@ -125,8 +127,8 @@ def variant_step(model, params, name, method, norm_grad, path, rank):
         cfg = dj.AdapterConfig(method=method, rank=rank, alpha=2.0 * rank, targets=TARGETS[arch], norm_grad=norm_grad)
         trainable, frozen = dj.init_adapters(jax.random.key(1), params, cfg), params
         trainable = jax.tree.map(lambda a: a + 0.01, trainable)  # B != 0: a trained adapter
-        if path == "factored":
-            adapted = dj.inject(model.apply, cfg, fallback="error")
+        if path in ("factored", "folded"):
+            adapted = dj.inject(model.apply, dataclasses.replace(cfg, forward=path), fallback="error")
             forward = lambda trainable, frozen, ids: adapted(frozen, trainable, ids)  # noqa: E731
         else:
             forward = lambda trainable, frozen, ids: model.apply(  # noqa: E731
@@ -190,10 +192,11 @@ def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
             run["times"].append(time.perf_counter() - start)
     rows = []
     medians = {key: float(np.median(run["times"])) for key, run in runs.items()}
-    lora = medians.get("lora/factored", medians.get("lora/merge"))
-    lora_peak = runs.get("lora/factored", runs.get("lora/merge"))["figures"]["peak_mib"]
+    first_path = args.paths.split(",")[0]
     for key, run in runs.items():
         torch_side = key.endswith("/torch")  # PEFT rows: ratios to PEFT's own LoRA and full fine-tuning
+        # Adapter rows: ratios to LoRA on the same path; full fine-tuning: to LoRA on the first path.
+        lora = "peft_lora/torch" if torch_side else f"lora/{key.partition('/')[2] or first_path}"
         ms = 1e3 * medians[key]
         figures = run["figures"]
         rows.append(
@@ -202,9 +205,9 @@ def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
                 "variant": key,
                 "ms_per_step": ms,
                 "tokens_per_s": args.batch * args.seq / medians[key],
-                "vs_lora": medians[key] / (medians["peft_lora/torch"] if torch_side else lora),
+                "vs_lora": medians[key] / medians[lora],
                 "vs_full": medians[key] / medians["peft_full/torch" if torch_side else "full"],
-                "peak_vs_lora": figures["peak_mib"] / lora_peak if figures else None,
+                "peak_vs_lora": figures["peak_mib"] / runs[lora]["figures"]["peak_mib"] if figures else None,
                 "gflop": figures.get("gflop"),
                 "peak_mib": figures.get("peak_mib"),
                 "temp_mib": figures.get("temp_mib"),

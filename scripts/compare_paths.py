@@ -1,15 +1,17 @@
-"""Compiled cost of one DoRA train step on a single Dense layer: factored forward vs merge.
+"""Compiled cost of one DoRA train step on a single Dense layer: factored and folded forward vs merge.
 
     python -m scripts.compare_paths --d 1024 --tokens 2048 --rank 16
 
 Prints XLA's compiled FLOPs (`cost_analysis`) and temporary memory (`memory_analysis`) of the
-jitted AdamW step for both paths, for each norm_grad, and their ratio. These are properties of
+jitted AdamW step for each path (``inject`` with ``forward="factored"`` or ``"folded"``; merge),
+for each norm_grad, and their ratio. These are properties of
 the compiled program, not timings, so they do not depend on machine load.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -20,7 +22,7 @@ import optax
 import dora_jax as dj
 from dora_jax.core import AdapterConfig
 
-PATHS = ("factored", "merge")
+PATHS = ("factored", "folded", "merge")
 
 
 def compiled_train_step(path: str, cfg: AdapterConfig, d: int, tokens: int, batch: int = 8):
@@ -29,8 +31,8 @@ def compiled_train_step(path: str, cfg: AdapterConfig, d: int, tokens: int, batc
     x = jax.ShapeDtypeStruct((batch, tokens // batch, d), jnp.float32)
     params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
     adapters = jax.eval_shape(lambda p: dj.init_adapters(jax.random.key(1), p, cfg), params)
-    if path == "factored":
-        forward = dj.inject(model.apply, cfg, fallback="error")
+    if path in ("factored", "folded"):
+        forward = dj.inject(model.apply, dataclasses.replace(cfg, forward=path), fallback="error")
     else:
         forward = lambda p, ad, inputs: model.apply({"params": dj.merge(p, ad, cfg)}, inputs)  # noqa: E731
 

@@ -39,7 +39,8 @@ def rows():
 
 def test_every_variant_of_every_model_is_measured(rows):
     variants = {(r["model"], r["variant"]) for r in rows}
-    expected = {"full"} | {f"{v}/{p}" for v in ("lora", "dora_exact", "dora_detach") for p in ("factored", "merge")}
+    paths = ("factored", "folded", "merge")
+    expected = {"full"} | {f"{v}/{p}" for v in ("lora", "dora_exact", "dora_detach") for p in paths}
     peft = {("minilm", f"peft_{v}/torch") for v in ("full", "lora", "dora")}  # --peft: the MiniLM shape only
     assert variants == {(m, v) for m in ("minilm", "llama") for v in expected} | peft
     jax_rows = [r for r in rows if not r["variant"].endswith("/torch")]
@@ -51,12 +52,13 @@ def test_ratios_are_computed_from_the_runs_own_times(rows):
         by = {r["variant"]: r for r in rows if r["model"] == model}
         for r in by.values():
             torch_side = r["variant"].endswith("/torch")
-            lora, full = ("peft_lora/torch", "peft_full/torch") if torch_side else ("lora/factored", "full")
+            path = r["variant"].partition("/")[2] or "factored"  # LoRA on the same path; full FT: the first path
+            lora, full = ("peft_lora/torch", "peft_full/torch") if torch_side else (f"lora/{path}", "full")
             assert r["vs_lora"] == pytest.approx(r["ms_per_step"] / by[lora]["ms_per_step"])
             assert r["vs_full"] == pytest.approx(r["ms_per_step"] / by[full]["ms_per_step"])
             assert r["tokens_per_s"] == pytest.approx(2 * 16 * 1000 / r["ms_per_step"])
             if not torch_side:
-                assert r["peak_vs_lora"] == pytest.approx(r["peak_mib"] / by["lora/factored"]["peak_mib"])
+                assert r["peak_vs_lora"] == pytest.approx(r["peak_mib"] / by[lora]["peak_mib"])
 
 
 def test_data_throughput_counts_the_batches_it_builds():

@@ -17,6 +17,7 @@ from dora_jax.core.dora import (
     decompose,
     factored_column_norm,
     factored_dense,
+    folded_dense,
     kernel_layout,
     merge_kernel,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "decompose",
     "factored_column_norm",
     "factored_dense",
+    "folded_dense",
     "init_adapter",
     "init_adapters",
     "is_adapter",

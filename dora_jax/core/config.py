@@ -16,6 +16,7 @@ from dora_jax.errors import ConfigError, ShapeError
 METHODS = ("dora", "lora")
 NORM_GRADS = ("exact", "detach")
 INITS = ("kaiming_uniform", "gaussian")
+FORWARDS = ("factored", "folded")
 
 
 def _choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -52,6 +53,11 @@ class AdapterConfig:
       input_axes: for kernels with more than two axes, {regex: axes} naming the input
         (contracted) axes of the kernels whose path the regex matches in full; the first
         matching rule wins. Two-axis kernels default to (0,), the Flax (d_in, d_out) layout.
+      forward: how ``inject`` runs an adapted layer. "factored": (m/n) (x W0 + s (x A) B), no
+        d_in x d_out temporary. "folded": s A B is added to the kernel one layer at a time and
+        a custom VJP gives the A, B, m gradients without the weight-gradient matmul; two fewer
+        passes over the activations per layer, for one transient kernel per layer (see
+        ``core.dora.folded_dense``). Same values and gradients; merge paths ignore it.
     """
 
     method: str = "dora"
@@ -64,11 +70,13 @@ class AdapterConfig:
     init: str = "kaiming_uniform"
     dtype: str = "float32"
     input_axes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    forward: str = "factored"
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
         _choice("norm_grad", self.norm_grad, NORM_GRADS)
         _choice("init", self.init, INITS)
+        _choice("forward", self.forward, FORWARDS)
         if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank <= 0:
             raise ConfigError(f"AdapterConfig.rank: expected a positive integer; got {self.rank!r}")
         object.__setattr__(self, "rank", int(self.rank))

@@ -12,6 +12,7 @@ in the forward pass, so that ``m / n == 1`` at step 0 also for a zero column.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -178,3 +179,91 @@ def factored_dense(
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, y.shape[-1])
+
+
+def folded_dense(
+    x: jax.Array,
+    w0: jax.Array,
+    adapter: Adapter,
+    cfg: AdapterConfig,
+    *,
+    bias: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
+    precision: Any = None,
+) -> jax.Array:
+    """``factored_dense``'s output with ``s A B`` folded into the layer's kernel for the matmul.
+
+    Forward: ``W' = W0 + s A B`` (float32, this layer only), ``y = (m / n) * (x @ W') + bias``.
+    Backward (a custom VJP): ``dx = g @ (W' m/n)^T`` and the low-rank gradients
+    ``dA = s x^T (g (B m/n)^T)``, ``dB = s ((x A)^T g) m/n``, never the N x d_in x d_out weight
+    gradient. Against the factored forward this drops two passes over the activations per layer
+    (the ``(x A) B`` output and the ``(g B^T) A^T`` input gradient) for one d_in x d_out kernel
+    built per layer and call. With dropout active the branch input differs from ``x``: that call
+    takes ``factored_dense``. Gradients equal the factored path's (to rounding) for x, W0, A, B, m.
+    """
+    if cfg.dropout > 0 and dropout_rng is not None:
+        return factored_dense(x, w0, adapter, cfg, bias=bias, dropout_rng=dropout_rng, precision=precision)
+    lead = x.shape[:-1]
+    mode = "lora" if cfg.method == "lora" else cfg.norm_grad
+    y = _folded_matmul(
+        x.reshape(-1, x.shape[-1]), w0, adapter["a"], adapter["b"], adapter.get("m"), cfg.scale, mode, precision
+    )
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, y.shape[-1])
+
+
+def _folded_kernel(w0, a, b, m, scale, mode):
+    """W' = W0 + s A B in the norm dtype, its guarded column norm n and the scale m / n (DoRA)."""
+    dtype = norm_dtype(w0.dtype, a.dtype, b.dtype)
+    w = w0.astype(dtype) + scale * jnp.matmul(a.astype(dtype), b.astype(dtype), precision=_EXACT)
+    if mode == "lora":
+        return w, None, None
+    norm = column_norm(w)
+    return w, norm, m.astype(dtype) / norm
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _folded_matmul(x, w0, a, b, m, scale, mode, precision):
+    return _folded_forward(x, w0, a, b, m, scale, mode, precision)[0]
+
+
+def _folded_forward(x, w0, a, b, m, scale, mode, precision):
+    w, _, column_scale = _folded_kernel(w0, a, b, m, scale, mode)
+    z = jnp.matmul(x, w.astype(x.dtype), precision=precision)
+    if column_scale is None:
+        return z, (x, w0, a, b, m, None)
+    # z (not y) is kept: dm needs sum(g * z), which y = z m/n cannot give back where m is 0.
+    return z * column_scale.astype(x.dtype), (x, w0, a, b, m, z)
+
+
+def _folded_backward(scale, mode, precision, residuals, g):
+    x, w0, a, b, m, z = residuals
+    # The barrier keeps XLA from holding each layer's forward W' until its backward (a copy of
+    # every adapted weight): W' is rebuilt here, once g exists.
+    g, w0, a, b, m = lax.optimization_barrier((g, w0, a, b, m))
+    w, norm, column_scale = _folded_kernel(w0, a, b, m, scale, mode)
+    dtype, wide = x.dtype, w.dtype
+    b_wide = b.astype(wide)
+    kernel, b_scaled = (w, b_wide) if column_scale is None else (w * column_scale, b_wide * column_scale)
+    dx = jnp.matmul(g, kernel.astype(dtype).T, precision=precision)
+    g_low = jnp.matmul(g, b_scaled.astype(dtype).T, precision=precision)  # (N, r) = g diag(m/n) B^T
+    x_low = jnp.matmul(x, a.astype(dtype), precision=precision)  # (N, r) = x A
+    da = scale * jnp.matmul(x.T, g_low, precision=precision, preferred_element_type=wide)
+    db = scale * jnp.matmul(x_low.T, g, precision=precision, preferred_element_type=wide)
+    dw0 = jnp.matmul(x.T, g, precision=precision, preferred_element_type=wide)  # dead code unless W0 is differentiated
+    dm = None
+    if column_scale is not None:
+        db, dw0 = db * column_scale, dw0 * column_scale
+        d_column_scale = jnp.sum(g.astype(wide) * z.astype(wide), axis=0)
+        dm = d_column_scale / norm
+        if mode == "exact":  # through n = ||W'||_c: dW' += W' * k with k = -(dc m / n^3)
+            k = -d_column_scale * m.astype(wide) / (norm * norm * norm)
+            da = da + scale * jnp.matmul(w, (b_wide * k).T, precision=_EXACT)
+            db = db + scale * jnp.matmul(a.astype(wide).T, w, precision=_EXACT) * k
+            dw0 = dw0 + w * k
+        dm = dm.astype(m.dtype)
+    return dx, dw0.astype(w0.dtype), da.astype(a.dtype), db.astype(b.dtype), dm
+
+
+_folded_matmul.defvjp(_folded_forward, _folded_backward)
