@@ -25,9 +25,11 @@ MESHES = {
 
 
 def config(mesh, method="dora"):
+    """``method``: dora, full, or folded (DoRA with ``adapter.forward="folded"``)."""
     c = run_config.defaults()
     c.model.hf_dir = "random"
-    c.adapter.method = method
+    c.adapter.method = "dora" if method == "folded" else method
+    c.adapter.forward = "folded" if method == "folded" else "factored"
     c.train.batch_size = 16
     c.train.grad_accum = 2
     c.data.eval_batch_size = 16
@@ -74,7 +76,11 @@ if __name__ == "__main__":
     results = {
         "losses": {
             f"{method}/{name}": losses(mesh, method)
-            for method, names in (("dora", list(MESHES)), ("full", ["one_device", "fsdp", "tensor"]))
+            for method, names in (
+                ("dora", list(MESHES)),
+                ("full", ["one_device", "fsdp", "tensor"]),
+                ("folded", ["one_device", "fsdp", "mixed"]),
+            )
             for name, mesh in MESHES.items()
             if name in names
         },

@@ -98,6 +98,19 @@ def test_gradient_accumulation_matches_the_full_batch(cache_dir):
     np.testing.assert_allclose(losses[4], losses[1], rtol=1e-5)
 
 
+def test_folded_forward_trains_like_the_factored_one(cache_dir):
+    losses = {}
+    for forward in ("factored", "folded"):
+        run = train.build(small(cache_dir, **{"adapter.forward": forward, "adapter.norm_grad": "exact"}))
+        state, out = run.state, []
+        for step in range(3):
+            state, m = run.train_step(state, run.frozen, run.batch(step), run.step_rng(step))
+            out.append(float(m["loss"]))
+        losses[forward] = out
+    assert losses["factored"][-1] < losses["factored"][0]
+    np.testing.assert_allclose(losses["folded"], losses["factored"], rtol=1e-5)
+
+
 def test_workdir_holding_another_config_is_refused(tmp_path, cache_dir):
     train.train_and_evaluate(small(cache_dir, **{"train.stop_at": 2}), tmp_path)
     with pytest.raises(
@@ -150,12 +163,14 @@ def eight_devices():
     return json.loads(line.removeprefix("RESULTS "))
 
 
-@pytest.mark.parametrize("method", ["dora", "full"])
+@pytest.mark.parametrize("method", ["dora", "full", "folded"])
 def test_data_fsdp_and_tensor_meshes_give_the_losses_of_one_device(eight_devices, method):
-    losses = {k.split("/")[1]: v for k, v in eight_devices["losses"].items() if k.startswith(method)}
+    losses = {k.split("/")[1]: v for k, v in eight_devices["losses"].items() if k.startswith(method + "/")}
     assert len(losses) >= 3
     for mesh, values in losses.items():
         np.testing.assert_allclose(values, losses["one_device"], rtol=1e-5, atol=1e-5, err_msg=mesh)
+    if method == "folded":  # the folded forward trains like the factored one, sharded or not
+        np.testing.assert_allclose(losses["mixed"], eight_devices["losses"]["dora/one_device"], rtol=1e-5, atol=1e-5)
 
 
 def test_sharded_evaluator_scores_like_one_device(eight_devices):
