@@ -4,6 +4,8 @@
     python -m scripts.benchmark --models minilm --steps 20 --json out.json
     python -m scripts.benchmark --device-count 8        # sharded (data parallel) on 8 forced host devices
     python -m scripts.benchmark --models minilm --peft  # with PyTorch PEFT's full / LoRA / DoRA steps
+    python -m scripts.benchmark --models llama --llama-hidden 2048 --llama-layers 16 --llama-vocab 32000 \
+        --dtype bfloat16 --batch 16 --seq 1024 --paths factored,folded --peak-tflops 989  # ~1B Llama, H200, MFU
 
 For each model shape it compiles one AdamW train step per variant (full fine-tuning; LoRA; DoRA
 with norm_grad exact and detach; each adapter method on the ``inject`` path with the factored and
@@ -13,6 +15,8 @@ machine noise hits all of them alike. It prints ms/step, tokens/s, the ratios to
 path (DoRA folded against LoRA folded, ...) and to full fine-tuning, XLA's compiled FLOPs
 (``cost_analysis``) and peak memory (``memory_analysis``: arguments + outputs + temporaries −
 aliased), then the same as JSON. Ratios are computed from this run's own measurements.
+With ``--peak-tflops`` (the device's dense peak for the compute dtype) it adds MFU: the step's
+compiled FLOPs per second over that peak (with ``remat`` none the compiled FLOPs are the model's).
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ def parse_args(argv=None):
     parser.add_argument("--paths", default="factored,folded,merge", help="comma list of factored, folded, merge")
     parser.add_argument("--device-count", type=int, default=0, help="forced host devices (data parallel)")
     parser.add_argument("--json", default="", help="also write the results to this file")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=0.0, help="device peak TFLOP/s for the compute dtype: adds MFU"
+    )
     parser.add_argument(
         "--peft", action="store_true", help="also time PyTorch PEFT (full, LoRA, DoRA) on the MiniLM shape, same loop"
     )
@@ -210,6 +217,7 @@ def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
                 "peak_vs_lora": figures["peak_mib"] / runs[lora]["figures"]["peak_mib"] if figures else None,
                 "gflop": figures.get("gflop"),
                 "peak_mib": figures.get("peak_mib"),
+                "mfu": mfu(figures.get("gflop"), medians[key], args.peak_tflops),
                 "temp_mib": figures.get("temp_mib"),
                 "devices": len(devices),
             }
@@ -261,9 +269,18 @@ def _advance(run, batch):
     run["state"] = [trainable, frozen, opt_state]
 
 
+def mfu(gflop: float | None, seconds: float, peak_tflops: float) -> float | None:
+    """Compiled FLOPs per second of a step over the device peak; None without a peak or FLOPs."""
+    if not peak_tflops or not gflop:
+        return None
+    return gflop * 1e9 / seconds / (peak_tflops * 1e12)
+
+
 def table(rows: list[dict]) -> str:
+    with_mfu = any(r.get("mfu") is not None for r in rows)
     head = "| model | variant | ms/step | tokens/s | vs LoRA | vs full FT | GFLOP | peak MiB | peak vs LoRA |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    head += " MFU |" if with_mfu else ""
+    lines = [head, "|---|---|---|---|---|---|---|---|---|" + ("---|" if with_mfu else "")]
 
     def fmt(value, spec):
         return "–" if value is None else format(value, spec)
@@ -272,7 +289,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | "
             f"{r['vs_lora']:.2f} | {r['vs_full']:.2f} | {fmt(r['gflop'], '.1f')} | {fmt(r['peak_mib'], '.0f')} | "
-            f"{fmt(r['peak_vs_lora'], '.2f')} |"
+            f"{fmt(r['peak_vs_lora'], '.2f')} |" + (f" {fmt(r['mfu'], '.1%')} |" if with_mfu else "")
         )
     return "\n".join(lines)
 

@@ -32,6 +32,8 @@ def rows():
             "--llama-vocab",
             "128",
             "--peft",
+            "--peak-tflops",
+            "0.5",
         ]
     )
     return benchmark.main(args)
@@ -59,6 +61,10 @@ def test_ratios_are_computed_from_the_runs_own_times(rows):
             assert r["tokens_per_s"] == pytest.approx(2 * 16 * 1000 / r["ms_per_step"])
             if not torch_side:
                 assert r["peak_vs_lora"] == pytest.approx(r["peak_mib"] / by[lora]["peak_mib"])
+                # MFU: the compiled FLOPs per second of this run's own median step over --peak-tflops.
+                assert r["mfu"] == pytest.approx(r["gflop"] * 1e9 / (r["ms_per_step"] / 1e3) / 0.5e12)
+            else:
+                assert r["mfu"] is None
 
 
 def test_data_throughput_counts_the_batches_it_builds():
