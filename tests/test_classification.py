@@ -181,6 +181,16 @@ def test_peft_export_carries_the_head_as_modules_to_save(classifier_run):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+def test_exported_classifier_adapter_imports_back_with_its_head(classifier_run):
+    root, _ = classifier_run
+    run, trainable, _ = train.restore_latest(root / "run")
+    adapters, head = train.split_trainable(trainable)
+    imported, cfg = io.import_peft(root / "run" / "adapter", run.frozen, model=run.model)
+    assert cfg.method == "dora" and cfg.rank == run.adapter_cfg.rank
+    jax.tree.map(np.testing.assert_array_equal, imported, jax.device_get(adapters))
+    jax.tree.map(np.testing.assert_array_equal, io.read_peft_head(root / "run" / "adapter"), jax.device_get(head))
+
+
 def test_classification_needs_num_labels_and_a_fitting_model(tmp_path):
     c = run_config.defaults()
     c.data.update(source="classification", path=str(tmp_path / "x.json"))

@@ -105,6 +105,39 @@ def test_peft_adapters_import_with_the_same_outputs(tmp_path, family, use_dora):
     np.testing.assert_allclose(np.asarray(ours)[keep], torch_output(adapted, ids, mask)[keep], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("use_dora", [True, False])
+def test_peft_sequence_classifier_imports_with_its_head(tmp_path, use_dora):
+    """PEFT's SEQ_CLS adapter (modules_to_save classifier) -> our adapters + head, the same logits."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(**BERT, num_labels=3, attn_implementation="eager")
+    transformers.BertForSequenceClassification(config).eval().save_pretrained(tmp_path / "base")
+    reference = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "base")
+    lora = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, use_dora=use_dora, target_modules=["query", "value"])
+    adapted = peft.get_peft_model(reference, lora)
+    torch.manual_seed(1)
+    with torch.no_grad():  # adapters and the trained head both moved off their init
+        for parameter in adapted.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    adapted.eval().save_pretrained(tmp_path / "adapter")
+
+    model, params = io.load_hf(tmp_path / "base", num_labels=3)
+    adapters, cfg = io.import_peft(tmp_path / "adapter", params, model=model)
+    head = io.read_peft_head(tmp_path / "adapter")
+    assert cfg.method == ("dora" if use_dora else "lora") and head["kernel"].shape == (BERT["hidden_size"], 3)
+    assert np.abs(np.asarray(head["bias"]) - np.asarray(params["classifier"]["bias"])).max() > 1e-3  # the trained one
+    ids, mask = token_batch(BERT["vocab_size"], seq=10, padded=3)
+    ours = dj.inject(model.apply, cfg)(
+        {**params, "classifier": head}, adapters, jnp.asarray(ids), attention_mask=jnp.asarray(mask)
+    )
+    np.testing.assert_allclose(np.asarray(ours), torch_output(adapted, ids, mask), rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_without_a_head_reads_no_head(adapter_dir):
+    directory, _, _ = adapter_dir
+    assert io.read_peft_head(directory) is None
+
+
 def test_import_then_export_keeps_every_tensor_byte_for_byte(tmp_path):
     peft_trained(tmp_path, "llama", use_dora=True)
     model, params = io.load_hf(tmp_path / "base")

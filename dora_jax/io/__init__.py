@@ -1,7 +1,7 @@
 """Files in and out: HF safetensors checkpoints, tokenizers, PEFT adapter directories."""
 
 from dora_jax.io.hf import load_hf, load_tokenizer, read_config, save_hf
-from dora_jax.io.peft import export_peft, import_peft
+from dora_jax.io.peft import export_peft, import_peft, read_peft_head
 from dora_jax.io.safetensors_dir import CheckpointError, SafetensorsDirectory
 
 __all__ = [
@@ -12,5 +12,6 @@ __all__ = [
     "load_hf",
     "load_tokenizer",
     "read_config",
+    "read_peft_head",
     "save_hf",
 ]

@@ -28,12 +28,14 @@ PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 SUFFIXES = {"a": ".lora_A.weight", "b": ".lora_B.weight", "m": ".lora_magnitude_vector"}
+HEAD_MODULES = ("classifier", "score")  # modules_to_save that name a sequence classifier's head
+# A sequence classifier's head as PEFT saves it (``modules_to_save``, task_type SEQ_CLS): Flax leaf -> key.
+HEAD_KEYS = {"kernel": PREFIX + "classifier.weight", "bias": PREFIX + "classifier.bias"}
 # PEFT options that change the model in ways an AdapterConfig cannot express: (key, allowed values).
 UNSUPPORTED = (
     ("fan_in_fan_out", (False, None)),
     ("bias", ("none", None)),
     ("lora_bias", (False, None)),
-    ("modules_to_save", (None, [])),
     ("rank_pattern", ({}, None)),
     ("alpha_pattern", ({}, None)),
     ("layers_to_transform", (None,)),
@@ -111,8 +113,8 @@ def export_peft(
         if cfg.method == "dora":
             tensors[key + SUFFIXES["m"]] = np.asarray(adapter["m"])
     if head is not None:
-        tensors[PREFIX + "classifier.weight"] = np.ascontiguousarray(np.asarray(head["kernel"]).T)
-        tensors[PREFIX + "classifier.bias"] = np.asarray(head["bias"])
+        tensors[HEAD_KEYS["kernel"]] = np.ascontiguousarray(np.asarray(head["kernel"]).T)
+        tensors[HEAD_KEYS["bias"]] = np.asarray(head["bias"])
     config = {
         "peft_type": "LORA",
         "task_type": task_type(model),
@@ -151,6 +153,12 @@ def read_adapter_config(in_dir: pathlib.Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
     if config.get("peft_type") != "LORA":
         raise ConfigError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; supported: ['LORA']")
+    saved = config.get("modules_to_save") or []
+    if not set(saved) <= set(HEAD_MODULES):  # PEFT's SEQ_CLS default is ["classifier", "score"]
+        raise ConfigError(
+            f"{path}: modules_to_save={saved!r} is not supported (supported: a classifier head, "
+            f"{list(HEAD_MODULES)}); importing would silently change the model"
+        )
     for key, allowed in UNSUPPORTED:
         if config.get(key) not in allowed:
             raise ConfigError(
@@ -160,8 +168,42 @@ def read_adapter_config(in_dir: pathlib.Path) -> dict[str, Any]:
     return config
 
 
+def _saves_head(config: dict[str, Any]) -> bool:
+    """Whether an adapter directory may hold a classifier head (PEFT SEQ_CLS or modules_to_save)."""
+    return config.get("task_type") == "SEQ_CLS" or bool(config.get("modules_to_save"))
+
+
+def read_peft_head(in_dir: str | pathlib.Path) -> dict[str, jnp.ndarray] | None:
+    """The classifier head a SEQ_CLS adapter saves (``{"kernel": (d, labels), "bias": (labels,)}``), or None.
+
+    ``import_peft`` returns the adapters only; a sequence classifier also needs this head
+    (``dj.io.load_hf(base, num_labels=...)`` then ``{**params, "classifier": head}``).
+    """
+    in_dir = pathlib.Path(in_dir)
+    config = read_adapter_config(in_dir)
+    if not (in_dir / WEIGHTS_FILE).exists():
+        raise CheckpointError(f"{in_dir / WEIGHTS_FILE}: no such file (.bin adapters are not read)")
+    tensors = SafetensorsDirectory(in_dir)
+    present = [key for key in HEAD_KEYS.values() if key in set(tensors.names())]
+    if not present or not _saves_head(config):
+        return None
+    if len(present) < len(HEAD_KEYS):
+        missing = sorted(set(HEAD_KEYS.values()) - set(present))
+        raise CheckpointError(f"{in_dir / WEIGHTS_FILE}: the classifier head lacks {missing}")
+    kernel, bias = (np.array(tensors.get(HEAD_KEYS[leaf])) for leaf in ("kernel", "bias"))
+    if kernel.ndim != 2 or bias.shape != kernel.shape[:1]:
+        raise ShapeError(
+            f"{in_dir / WEIGHTS_FILE}: classifier weight {kernel.shape} and bias {bias.shape} are not a "
+            "(labels, hidden) matrix and its (labels,) bias"
+        )
+    return {"kernel": jnp.asarray(kernel.T), "bias": jnp.asarray(bias)}
+
+
 def import_peft(in_dir: str | pathlib.Path, params: Any, *, model: Any) -> tuple[dict[str, Any], AdapterConfig]:
-    """(adapters, AdapterConfig) from a PEFT adapter directory (ours or PEFT's) for a zoo model."""
+    """(adapters, AdapterConfig) from a PEFT adapter directory (ours or PEFT's) for a zoo model.
+
+    A SEQ_CLS adapter's classifier head is not an adapter: ``read_peft_head`` reads it.
+    """
     in_dir = pathlib.Path(in_dir)
     config = read_adapter_config(in_dir)
     weights = in_dir / WEIGHTS_FILE
@@ -172,8 +214,11 @@ def import_peft(in_dir: str | pathlib.Path, params: Any, *, model: Any) -> tuple
     paths = {hf: path for path, hf in kernels.items()}
     method = "dora" if config.get("use_dora") else "lora"
     parts = "abm" if method == "dora" else "ab"
+    head_keys = set(HEAD_KEYS.values()) if _saves_head(config) else set()
     by_module: dict[str, dict[str, str]] = {}
     for key in tensors.names():
+        if key in head_keys:
+            continue
         part = next((p for p, suffix in SUFFIXES.items() if key.endswith(suffix)), None)
         module = key.removeprefix(PREFIX).removesuffix(SUFFIXES[part]) if part and key.startswith(PREFIX) else None
         if module not in paths:
