@@ -4,6 +4,8 @@
     python -m dora_jax.evaluate --workdir=RUN --tfds=piqa,ai2_arc/ARC-Easy --tfds_data_dir=DIR
     python -m dora_jax.evaluate --workdir=RUN --data_dir=DIR --method=beam|greedy|perplexity
     python -m dora_jax.evaluate --workdir=OUT --adapter=PEFT_DIR --base=HF_DIR --data_dir=DIR
+    python -m dora_jax.evaluate --workdir=RUN --data_path=FILE     # a classifier run (or --tfds=glue/sst2)
+    python -m dora_jax.evaluate --workdir=OUT --adapter=SEQ_CLS_DIR --base=ENCODER_DIR --data_path=FILE
 
 ``--method=loglik`` (default): every answer a record offers (its ``Answer format: a/b/c`` line)
 is scored as the response ``the correct answer is <a>`` after the official evaluation prompt;
@@ -20,6 +22,7 @@ import json
 import math
 import pathlib
 import sys
+import tempfile
 from typing import Any
 
 import jax
@@ -181,6 +184,35 @@ def adapter_run(base_dir: str | pathlib.Path, adapter_dir: str | pathlib.Path, c
     return run, jax.device_put(adapters, run.state_sharding["trainable"])
 
 
+def classifier_adapter_run(
+    base_dir: str | pathlib.Path, adapter_dir: str | pathlib.Path, records: list[dict[str, Any]], cutoff_len: int
+) -> Any:
+    """(run, trainable) for a PEFT SEQ_CLS adapter directory over a local HF encoder, ready to score.
+
+    The run is built as ``dora_jax.train`` builds a classifier run, with ``records`` as its
+    (unused) data so that it carries the tokenizer and the label count.
+    """
+    head = io.read_peft_head(adapter_dir)
+    if head is None:
+        raise ConfigError(
+            f"{adapter_dir}: no classifier head (modules_to_save) in this adapter; score a causal-LM "
+            "adapter with --data_dir or --tfds instead of --data_path"
+        )
+    num_labels = int(head["bias"].shape[0])
+    model = models.from_hf_config(io.classifier_config(io.read_config(pathlib.Path(base_dir)), num_labels))
+    adapters, cfg = io.import_peft(adapter_dir, models.abstract_params(model), model=model)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "records.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in records))
+        config = run_config.defaults()
+        config.model.update(hf_dir=str(base_dir), num_labels=num_labels)
+        config.adapter.update(cfg.to_dict())
+        config.data.update(source="classification", path=str(path), cutoff_len=cutoff_len, val_size=0)
+        run = train.build(config)
+    trainable = {"adapters": adapters, "head": head}
+    return run, jax.device_put(trainable, run.state_sharding["trainable"])
+
+
 def evaluate_run(
     workdir: str | pathlib.Path,
     data_dir: str | pathlib.Path | None = None,
@@ -261,10 +293,15 @@ def evaluate_classifier(
     tfds_data_dir: str = "",
     batch_size: int = 16,
     limit: int = 0,
+    adapter_dir: str | pathlib.Path | None = None,
+    base_dir: str | pathlib.Path | None = None,
+    cutoff_len: int = 128,
 ) -> dict[str, float]:
     """Accuracy, macro F1 (and F1 of label 1) of a classifier run on a labelled file or TFDS split.
 
     Writes ``eval/classification.json`` and ``.md``; batches are sharded over the run's mesh.
+    With ``adapter_dir`` and ``base_dir`` it scores a PEFT SEQ_CLS adapter (adapters and head)
+    over an encoder instead of a run; ``cutoff_len`` then bounds the tokens per record.
     """
     from dora_jax.data import classification
 
@@ -277,7 +314,12 @@ def evaluate_classifier(
         else classification.load_file(path)[: limit or None]
     )
     origin = f"TFDS {tfds_name} split {tfds_split}" if tfds_name else path
-    run, trainable, step = train.restore_latest(workdir)
+    if adapter_dir:
+        if not base_dir:
+            raise ConfigError("--adapter needs --base: the HF directory of the encoder the adapter was trained on")
+        (run, trainable), step = classifier_adapter_run(base_dir, adapter_dir, records, cutoff_len), 0
+    else:
+        run, trainable, step = train.restore_latest(workdir)
     if not train.is_classifier(run.model):
         raise ConfigError(f"{workdir} trains {type(run.model).__name__}, not a sequence classifier")
     parallel.check_batch(batch_size, run.mesh, "--batch_size")
@@ -291,7 +333,7 @@ def evaluate_classifier(
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     summary = {**train.classification_summary(totals), "records": len(records)}
     out = workdir / "eval"
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "classification.json").write_text(json.dumps({"step": step, "data": origin, "results": summary}, indent=2))
     lines = [f"Classification of {origin}, step {step}", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
@@ -364,7 +406,8 @@ def main(argv: list[str] | None = None) -> None:
     def run(_):
         absl_logging.set_verbosity(absl_logging.WARNING)
         try:
-            if _classifier_run(pathlib.Path(workdir.value)):
+            classifier_adapter = bool(adapter.value) and io.read_peft_head(adapter.value) is not None
+            if classifier_adapter or (not adapter.value and _classifier_run(pathlib.Path(workdir.value))):
                 evaluate_classifier(
                     workdir.value,
                     data_path.value,
@@ -373,6 +416,9 @@ def main(argv: list[str] | None = None) -> None:
                     tfds_data_dir.value,
                     batch_size.value,
                     limit.value,
+                    adapter.value or None,
+                    base.value or None,
+                    cutoff_len.value,
                 )
                 print((pathlib.Path(workdir.value) / "eval" / "classification.md").read_text())
                 return

@@ -216,6 +216,27 @@ def test_evaluate_command_scores_a_classifier_run_on_a_labelled_file(classifier_
         evaluate.evaluate_classifier(root / "run")
 
 
+def test_evaluate_scores_the_runs_exported_adapter_like_the_run(classifier_run):
+    """--adapter=<the run's PEFT export> --base=<the encoder>: the same accuracy and F1 as the run."""
+    from dora_jax import evaluate
+
+    root, _ = classifier_run
+    path = root / "test_adapter.jsonl"  # the records of the test above: the run's eval/ tables stay the same
+    records = [{"text": f"{t} again", "label": 1} for t in GOOD] + [{"text": f"{t} again", "label": 0} for t in BAD]
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    from_run = evaluate.evaluate_classifier(root / "run", str(path), batch_size=4)
+    evaluate.evaluate_classifier(  # what `evaluate --adapter=DIR --base=DIR --data_path=FILE` runs
+        root / "adapter_eval",
+        str(path),
+        batch_size=4,
+        adapter_dir=root / "run" / "adapter",
+        base_dir=minilm_dir(),
+        cutoff_len=12,
+    )
+    from_adapter = json.loads((root / "adapter_eval" / "eval" / "classification.json").read_text())["results"]
+    assert from_adapter == pytest.approx(from_run, rel=1e-6)
+
+
 @pytest.mark.parametrize("task", ["sst2", "mrpc", "mnli", "bool_q"])
 def test_glue_configs_are_valid_and_refuse_to_start_without_the_encoder(tmp_path, task):
     c = load_config("configs/glue.py", task)

@@ -65,6 +65,16 @@ def _resolve(tensors: SafetensorsDirectory, name: str, model_type: str) -> str |
     return None
 
 
+def classifier_config(config: dict[str, Any], num_labels: int) -> dict[str, Any]:
+    """An encoder's HF config dict as a BertForSequenceClassification with ``num_labels`` labels."""
+    labels = config.get("id2label") or {}
+    return {
+        **config,
+        "architectures": ["BertForSequenceClassification"],
+        "id2label": labels if len(labels) == num_labels else {str(i): f"LABEL_{i}" for i in range(num_labels)},
+    }
+
+
 def load_hf(
     hf_dir: str | pathlib.Path,
     dtype: Any = jnp.float32,
@@ -83,13 +93,7 @@ def load_hf(
     hf_dir = pathlib.Path(hf_dir)
     config = read_config(hf_dir)
     if num_labels:
-        config = {
-            **config,
-            "architectures": ["BertForSequenceClassification"],
-            "id2label": config.get("id2label")
-            if len(config.get("id2label") or {}) == num_labels
-            else {str(i): f"LABEL_{i}" for i in range(num_labels)},
-        }
+        config = classifier_config(config, num_labels)
     try:
         model = models.from_hf_config(config, dtype=compute_dtype or dtype, param_dtype=dtype, remat=remat)
     except ConfigError as err:
