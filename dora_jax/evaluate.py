@@ -167,21 +167,35 @@ def sharded_metric(run: Any, trainable: Any, metric: Any) -> Any:
     return functools.partial(jitted, trainable, run.frozen)
 
 
+def _require_base(base_dir: Any) -> pathlib.Path:
+    """--base as a path; scoring an adapter needs the model it was trained on."""
+    if not base_dir:
+        raise ConfigError("--adapter needs --base: the HF directory of the model the adapter was trained on")
+    return pathlib.Path(base_dir)
+
+
+def _adapter_run(base_dir: Any, adapter_dir: Any, hf_config: dict[str, Any], head: Any, **data: Any) -> Any:
+    """(run, trainable) for a PEFT adapter over the HF base whose config (as a classifier when
+    ``head`` is given) is ``hf_config``; the run is built as ``dora_jax.train`` builds one."""
+    model = models.from_hf_config(hf_config)
+    adapters, cfg = io.import_peft(adapter_dir, models.abstract_params(model), model=model)
+    config = run_config.defaults()
+    config.model.update(hf_dir=str(base_dir), num_labels=0 if head is None else int(head["bias"].shape[0]))
+    config.adapter.update(cfg.to_dict())
+    config.data.update(data)
+    run = train.build(config)
+    trainable = adapters if head is None else {"adapters": adapters, "head": head}
+    return run, jax.device_put(trainable, run.state_sharding["trainable"])
+
+
 def adapter_run(base_dir: str | pathlib.Path, adapter_dir: str | pathlib.Path, cutoff_len: int = 256) -> Any:
     """(run, adapters) for a PEFT adapter directory over a local HF base model, ready to score.
 
     The adapter (ours or PEFT's) is imported with ``io.import_peft``; the run is built as
     ``dora_jax.train`` builds one (mesh, shardings) from a config with that adapter's settings.
     """
-    base_dir = pathlib.Path(base_dir)
-    model = models.from_hf_config(io.read_config(base_dir))
-    adapters, cfg = io.import_peft(adapter_dir, models.abstract_params(model), model=model)
-    config = run_config.defaults()
-    config.model.hf_dir = str(base_dir)
-    config.adapter.update(cfg.to_dict())
-    config.data.cutoff_len = cutoff_len
-    run = train.build(config)
-    return run, jax.device_put(adapters, run.state_sharding["trainable"])
+    hf_config = io.read_config(_require_base(base_dir))
+    return _adapter_run(base_dir, adapter_dir, hf_config, None, cutoff_len=cutoff_len)
 
 
 def classifier_adapter_run(
@@ -192,25 +206,19 @@ def classifier_adapter_run(
     The run is built as ``dora_jax.train`` builds a classifier run, with ``records`` as its
     (unused) data so that it carries the tokenizer and the label count.
     """
+    base_dir = _require_base(base_dir)
     head = io.read_peft_head(adapter_dir)
     if head is None:
         raise ConfigError(
             f"{adapter_dir}: no classifier head (modules_to_save) in this adapter; score a causal-LM "
             "adapter with --data_dir or --tfds instead of --data_path"
         )
-    num_labels = int(head["bias"].shape[0])
-    model = models.from_hf_config(io.classifier_config(io.read_config(pathlib.Path(base_dir)), num_labels))
-    adapters, cfg = io.import_peft(adapter_dir, models.abstract_params(model), model=model)
+    hf_config = io.classifier_config(io.read_config(base_dir), int(head["bias"].shape[0]))
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / "records.jsonl"
         path.write_text("\n".join(json.dumps(r) for r in records))
-        config = run_config.defaults()
-        config.model.update(hf_dir=str(base_dir), num_labels=num_labels)
-        config.adapter.update(cfg.to_dict())
-        config.data.update(source="classification", path=str(path), cutoff_len=cutoff_len, val_size=0)
-        run = train.build(config)
-    trainable = {"adapters": adapters, "head": head}
-    return run, jax.device_put(trainable, run.state_sharding["trainable"])
+        data = dict(source="classification", path=str(path), cutoff_len=cutoff_len, val_size=0)
+        return _adapter_run(base_dir, adapter_dir, hf_config, head, **data)
 
 
 def evaluate_run(
@@ -242,8 +250,6 @@ def evaluate_run(
         raise ConfigError(f"--method: expected one of {METHODS}; got {method!r}")
     records_by_task = task_records(data_dir, tasks, tfds_names, tfds_split, tfds_data_dir, limit)
     if adapter_dir:
-        if not base_dir:
-            raise ConfigError("--adapter needs --base: the HF directory of the model the adapter was trained on")
         (run, trainable), step = adapter_run(base_dir, adapter_dir, cutoff_len), 0
     else:
         run, trainable, step = train.restore_latest(workdir)
@@ -315,8 +321,6 @@ def evaluate_classifier(
     )
     origin = f"TFDS {tfds_name} split {tfds_split}" if tfds_name else path
     if adapter_dir:
-        if not base_dir:
-            raise ConfigError("--adapter needs --base: the HF directory of the encoder the adapter was trained on")
         (run, trainable), step = classifier_adapter_run(base_dir, adapter_dir, records, cutoff_len), 0
     else:
         run, trainable, step = train.restore_latest(workdir)

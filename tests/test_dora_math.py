@@ -10,7 +10,15 @@ from hypothesis import given, settings
 
 import dora_jax as dj
 from conftest import perturb
-from dora_jax.core import AdapterConfig, factored_column_norm, factored_dense, init_adapter, kernel_layout, merge_kernel
+from dora_jax.core import (
+    AdapterConfig,
+    factored_column_norm,
+    factored_dense,
+    folded_dense,
+    init_adapter,
+    kernel_layout,
+    merge_kernel,
+)
 from dora_jax.core.dora import NORM_EPS
 
 
@@ -143,16 +151,17 @@ def test_factored_dense_equals_the_merged_matmul(method):
     np.testing.assert_allclose(factored_dense(x, w0, adapter, cfg, bias=bias), expected, rtol=2e-5, atol=2e-5)
 
 
-def test_zero_column_gives_finite_outputs_and_gradients():
+@pytest.mark.parametrize("dense", [factored_dense, folded_dense])
+def test_zero_column_gives_finite_outputs_and_gradients(dense):
     w0 = jnp.zeros((8, 4)).at[:, 1:].set(jax.random.normal(jax.random.key(0), (8, 3)))
     cfg = AdapterConfig(rank=2, targets="k", norm_grad="exact")
     adapter = init_adapter(jax.random.key(1), w0, cfg)
     x = jax.random.normal(jax.random.key(2), (5, 8))
     magnitude, direction = dj.decompose(w0)
     assert np.isfinite(direction).all() and magnitude[0] < 1e-5
-    y = factored_dense(x, w0, adapter, cfg)
+    y = dense(x, w0, adapter, cfg)
     np.testing.assert_allclose(y, x @ w0, rtol=1e-5, atol=1e-6)  # still the identity at init
-    grads = jax.grad(lambda ad: jnp.sum(factored_dense(x, w0, ad, cfg) ** 2))(adapter)
+    grads = jax.grad(lambda ad: jnp.sum(dense(x, w0, ad, cfg) ** 2))(adapter)
     merged_grads = jax.grad(lambda ad: jnp.sum(merge_kernel(w0, ad, cfg) ** 2))(adapter)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves((grads, merged_grads)))
 

@@ -114,18 +114,21 @@ def factored_column_norm(w0: jax.Array, a: jax.Array, b: jax.Array, scale: float
     return jnp.sqrt(jnp.maximum(squared, 0.0) + NORM_EPS)
 
 
+def low_rank_sum(w0: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """W0 + s A B for a (d_in, d_out) kernel, in the norm dtype (at least float32)."""
+    dtype = norm_dtype(w0.dtype, a.dtype, b.dtype)
+    return w0.astype(dtype) + scale * jnp.matmul(a.astype(dtype), b.astype(dtype), precision=_EXACT)
+
+
 def merged_matrix(w0: jax.Array, adapter: Adapter, cfg: AdapterConfig) -> jax.Array:
     """W' for a (d_in, d_out) kernel and matrix-shaped adapter, in the norm dtype."""
-    dtype = norm_dtype(w0.dtype, adapter["a"].dtype)
-    w = w0.astype(dtype) + cfg.scale * jnp.matmul(
-        adapter["a"].astype(dtype), adapter["b"].astype(dtype), precision=_EXACT
-    )
+    w = low_rank_sum(w0, adapter["a"], adapter["b"], cfg.scale)
     if cfg.method == "lora":
         return w
     norm = column_norm(w)
     if cfg.norm_grad == "detach":
         norm = lax.stop_gradient(norm)
-    return w * (adapter["m"].astype(dtype) / norm)
+    return w * (adapter["m"].astype(w.dtype) / norm)
 
 
 def merge_kernel(
@@ -215,12 +218,11 @@ def folded_dense(
 
 def _folded_kernel(w0, a, b, m, scale, mode):
     """W' = W0 + s A B in the norm dtype, its guarded column norm n and the scale m / n (DoRA)."""
-    dtype = norm_dtype(w0.dtype, a.dtype, b.dtype)
-    w = w0.astype(dtype) + scale * jnp.matmul(a.astype(dtype), b.astype(dtype), precision=_EXACT)
+    w = low_rank_sum(w0, a, b, scale)
     if mode == "lora":
         return w, None, None
     norm = column_norm(w)
-    return w, norm, m.astype(dtype) / norm
+    return w, norm, m.astype(w.dtype) / norm
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))

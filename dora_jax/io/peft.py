@@ -168,6 +168,14 @@ def read_adapter_config(in_dir: pathlib.Path) -> dict[str, Any]:
     return config
 
 
+def _open(in_dir: pathlib.Path) -> tuple[dict[str, Any], SafetensorsDirectory]:
+    """The checked adapter config and the tensors of a PEFT adapter directory."""
+    config = read_adapter_config(in_dir)
+    if not (in_dir / WEIGHTS_FILE).exists():
+        raise CheckpointError(f"{in_dir / WEIGHTS_FILE}: no such file (.bin adapters are not read)")
+    return config, SafetensorsDirectory(in_dir)
+
+
 def _saves_head(config: dict[str, Any]) -> bool:
     """Whether an adapter directory may hold a classifier head (PEFT SEQ_CLS or modules_to_save)."""
     return config.get("task_type") == "SEQ_CLS" or bool(config.get("modules_to_save"))
@@ -180,11 +188,9 @@ def read_peft_head(in_dir: str | pathlib.Path) -> dict[str, jnp.ndarray] | None:
     (``dj.io.load_hf(base, num_labels=...)`` then ``{**params, "classifier": head}``).
     """
     in_dir = pathlib.Path(in_dir)
-    config = read_adapter_config(in_dir)
-    if not (in_dir / WEIGHTS_FILE).exists():
-        raise CheckpointError(f"{in_dir / WEIGHTS_FILE}: no such file (.bin adapters are not read)")
-    tensors = SafetensorsDirectory(in_dir)
-    present = [key for key in HEAD_KEYS.values() if key in set(tensors.names())]
+    config, tensors = _open(in_dir)
+    names = set(tensors.names())
+    present = [key for key in HEAD_KEYS.values() if key in names]
     if not present or not _saves_head(config):
         return None
     if len(present) < len(HEAD_KEYS):
@@ -205,11 +211,8 @@ def import_peft(in_dir: str | pathlib.Path, params: Any, *, model: Any) -> tuple
     A SEQ_CLS adapter's classifier head is not an adapter: ``read_peft_head`` reads it.
     """
     in_dir = pathlib.Path(in_dir)
-    config = read_adapter_config(in_dir)
+    config, tensors = _open(in_dir)
     weights = in_dir / WEIGHTS_FILE
-    if not weights.exists():
-        raise CheckpointError(f"{weights}: no such file (.bin adapters are not read)")
-    tensors = SafetensorsDirectory(in_dir)
     kernels = _kernel_modules(model)
     paths = {hf: path for path, hf in kernels.items()}
     method = "dora" if config.get("use_dora") else "lora"
