@@ -113,9 +113,11 @@ TARGETS = {
 def loss_fn(model, forward):
     """Masked LM cross-entropy for Llama, a regression on the hidden states for MiniLM."""
 
+    encoder = isinstance(model, models.BertModel)  # hidden states out, not next-token logits
+
     def loss(trainable, frozen, batch):
         out = forward(trainable, frozen, batch["ids"]).astype(jnp.float32)
-        if out.shape[-1] == batch["ids"].shape[-1]:
+        if encoder:
             return jnp.mean(out**2)
         log_probs = jax.nn.log_softmax(out[:, :-1])
         return -jnp.mean(jnp.take_along_axis(log_probs, batch["ids"][:, 1:, None], axis=-1))
@@ -195,8 +197,9 @@ def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
     for _ in range(args.steps):  # round-robin: noise hits every variant alike
         for run in runs.values():
             start = time.perf_counter()
-            run["advance"]()
+            loss = run["advance"]()
             run["times"].append(time.perf_counter() - start)
+            run["loss"] = float(loss)  # after the clock: a finite loss shows the step trains something
     rows = []
     medians = {key: float(np.median(run["times"])) for key, run in runs.items()}
     first_path = args.paths.split(",")[0]
@@ -211,6 +214,7 @@ def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
                 "model": name,
                 "variant": key,
                 "ms_per_step": ms,
+                "loss": run["loss"],
                 "tokens_per_s": args.batch * args.seq / medians[key],
                 "vs_lora": medians[key] / medians[lora],
                 "vs_full": medians[key] / medians["peft_full/torch" if torch_side else "full"],
@@ -257,6 +261,7 @@ def peft_runs(hf_config: dict, ids, args) -> dict:
             loss = model(input_ids=tokens).last_hidden_state.pow(2).mean()
             loss.backward()
             optimizer.step()
+            return loss.item()
 
         runs[f"peft_{variant}/torch"] = {"advance": advance, "figures": {}, "times": []}
     return runs
@@ -267,6 +272,7 @@ def _advance(run, batch):
     trainable, opt_state, loss = run["step"](trainable, frozen, opt_state, batch, jax.random.key(0))
     jax.block_until_ready(loss)
     run["state"] = [trainable, frozen, opt_state]
+    return loss
 
 
 def mfu(gflop: float | None, seconds: float, peak_tflops: float) -> float | None:

@@ -1,5 +1,6 @@
 """scripts/benchmark.py runs end to end on a tiny size, and its ratios come from its own measurements."""
 
+import numpy as np
 import pytest
 
 from scripts import benchmark
@@ -74,3 +75,9 @@ def test_data_throughput_counts_the_batches_it_builds():
     config = run_config.defaults()
     figures = data_throughput.throughput(config, batches=20)
     assert figures["tokens_per_s"] == pytest.approx(figures["batches_per_s"] * config.train.batch_size * 17)
+
+
+def test_every_variant_trains_on_a_finite_loss(rows):
+    # MiniLM regresses its hidden states to zero (as the PEFT rows do), Llama predicts the next token:
+    # a NaN here would mean the timed step differentiates a loss that teaches nothing.
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)

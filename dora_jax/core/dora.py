@@ -251,7 +251,8 @@ def _folded_backward(scale, mode, precision, residuals, g):
     dx = jnp.matmul(g, kernel.astype(dtype).T, precision=precision)
     g_low = jnp.matmul(g, b_scaled.astype(dtype).T, precision=precision)  # (N, r) = g diag(m/n) B^T
     x_low = jnp.matmul(x, a.astype(dtype), precision=precision)  # (N, r) = x A
-    da = scale * jnp.matmul(x.T, g_low, precision=precision, preferred_element_type=wide)
+    # (g_low^T x)^T, not x^T g_low: XLA:CPU would copy x transposed for the latter (2x the time).
+    da = scale * jnp.matmul(g_low.T, x, precision=precision, preferred_element_type=wide).T
     db = scale * jnp.matmul(x_low.T, g, precision=precision, preferred_element_type=wide)
     dw0 = jnp.matmul(x.T, g, precision=precision, preferred_element_type=wide)  # dead code unless W0 is differentiated
     dm = None

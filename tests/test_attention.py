@@ -1,0 +1,120 @@
+"""models.layers.dot_product_attention: softmax attention with a recomputing backward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dora_jax.models.layers import attention_bias, dot_product_attention
+
+BATCH, QUERY, HEAD_DIM = 2, 9, 8
+
+
+def reference_attention(q, k, v, allowed):
+    """Textbook attention, differentiated by JAX: repeated key/value heads, masked softmax."""
+    groups = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    scores = jnp.einsum("bqhd,bthd->bhqt", q, k) / np.sqrt(q.shape[-1])
+    scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
+    return jnp.einsum("bhqt,bthd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def operands(heads, kv_heads, dtype, key_len=QUERY):
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (BATCH, QUERY, heads, HEAD_DIM), dtype)
+    k = jax.random.normal(keys[1], (BATCH, key_len, kv_heads, HEAD_DIM), dtype)
+    v = jax.random.normal(keys[2], (BATCH, key_len, kv_heads, HEAD_DIM), dtype)
+    return q, k, v
+
+
+def value_and_grads(attention, q, k, v, allowed):
+    def loss(q, k, v):
+        out = attention(q, k, v, allowed)
+        return jnp.sum(jnp.sin(out.astype(jnp.promote_types(out.dtype, jnp.float32))))
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+def assert_matches_reference(q, k, v, allowed, rtol=0, atol=1e-12):
+    np.testing.assert_allclose(
+        dot_product_attention(q, k, v, allowed), reference_attention(q, k, v, allowed), rtol=rtol, atol=atol
+    )
+    (value, grads), (ref_value, ref_grads) = (
+        value_and_grads(dot_product_attention, q, k, v, allowed),
+        value_and_grads(reference_attention, q, k, v, allowed),
+    )
+    np.testing.assert_allclose(value, ref_value, rtol=max(rtol, 1e-12))
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert np.isfinite(np.asarray(got)).all()
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
+
+MASKS = {
+    "bidirectional_padding": dict(causal=False, padding=True),
+    "causal": dict(causal=True, padding=False),
+    "causal_padding": dict(causal=True, padding=True),
+    "sliding_window": dict(causal=True, padding=False, sliding_window=3),
+}
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("mask", list(MASKS), ids=list(MASKS))
+def test_values_and_gradients_equal_autodiff_of_textbook_attention(heads, kv_heads, mask):
+    with jax.enable_x64():
+        q, k, v = operands(heads, kv_heads, jnp.float64)
+        spec = dict(MASKS[mask])
+        padding = jnp.ones((BATCH, QUERY)).at[1, 6:].set(0) if spec.pop("padding") else None
+        allowed = attention_bias(QUERY, QUERY, padding, **spec)
+        assert_matches_reference(q, k, v, allowed)
+
+
+def test_decoding_queries_against_a_longer_key_cache_match_the_reference():
+    with jax.enable_x64():
+        q, k, v = operands(4, 2, jnp.float64, key_len=QUERY + 5)
+        allowed = attention_bias(QUERY, QUERY + 5, None, causal=True, query_offset=5)
+        assert_matches_reference(q, k, v, allowed)
+
+
+def test_a_query_with_no_allowed_key_averages_the_values_with_finite_gradients():
+    # As softmax over equal (minimum) scores: the same rule as the textbook reference.
+    q, k, v = operands(4, 4, jnp.float32)
+    allowed = jnp.ones((BATCH, 1, QUERY, QUERY), bool).at[0, 0, 3].set(False)
+    out = dot_product_attention(q, k, v, allowed)
+    np.testing.assert_allclose(out[0, 3], jnp.mean(v[0], axis=0), rtol=1e-5, atol=1e-6)
+    assert_matches_reference(q, k, v, allowed, rtol=1e-4, atol=1e-5)
+
+
+def test_backward_keeps_no_query_by_key_array():
+    # The probabilities are rebuilt from the per-query maximum and denominator, and the mask is
+    # broadcast over the query groups, not copied: nothing of size query x key lives from the
+    # forward to the backward but the caller's mask (the textbook version keeps the probabilities).
+    q, k, v = operands(4, 2, jnp.float32)
+    allowed = jnp.ones((BATCH, 1, QUERY, QUERY), bool)  # the caller's mask: an input, not a residual
+
+    def residual_shapes(attention):
+        _, backward = jax.vjp(lambda q, k, v: attention(q, k, v, allowed), q, k, v)
+        return [leaf.shape for leaf in jax.tree.leaves(backward) if leaf is not allowed]
+
+    def query_by_key(shape):  # (..., query, key) or, per group of query heads, (..., groups * query, key)
+        return len(shape) >= 2 and shape[-1] == QUERY and shape[-2] % QUERY == 0
+
+    assert not any(query_by_key(s) for s in residual_shapes(dot_product_attention))
+    assert any(query_by_key(s) for s in residual_shapes(reference_attention))
+
+
+def test_bfloat16_keeps_its_dtype_and_is_as_accurate_as_the_textbook_version():
+    q, k, v = operands(4, 2, jnp.float32)
+    allowed = attention_bias(QUERY, QUERY, None, causal=True)
+    low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    assert dot_product_attention(*low, allowed).dtype == jnp.bfloat16
+    with jax.enable_x64():
+        _, truth = value_and_grads(reference_attention, *(x.astype(jnp.float64) for x in (q, k, v)), allowed)
+        _, ours = value_and_grads(dot_product_attention, *low, allowed)
+        _, textbook = value_and_grads(reference_attention, *low, allowed)
+        for got, textbook_grad, want in zip(ours, textbook, truth, strict=True):
+            assert got.dtype == jnp.bfloat16
+            assert relative_error(got, want) < 1.5 * relative_error(textbook_grad, want) + 1e-3
+
+
+def relative_error(x, truth):
+    return float(jnp.linalg.norm(x.astype(truth.dtype) - truth) / jnp.linalg.norm(truth))
