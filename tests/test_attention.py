@@ -6,17 +6,10 @@ import numpy as np
 import pytest
 
 from dora_jax.models.layers import attention_bias, dot_product_attention
+from scripts.attention_cost import main as attention_cost
+from scripts.attention_cost import textbook_attention as reference_attention
 
 BATCH, QUERY, HEAD_DIM = 2, 9, 8
-
-
-def reference_attention(q, k, v, allowed):
-    """Textbook attention, differentiated by JAX: repeated key/value heads, masked softmax."""
-    groups = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    scores = jnp.einsum("bqhd,bthd->bhqt", q, k) / np.sqrt(q.shape[-1])
-    scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
-    return jnp.einsum("bhqt,bthd->bqhd", jax.nn.softmax(scores, axis=-1), v)
 
 
 def operands(heads, kv_heads, dtype, key_len=QUERY):
@@ -118,3 +111,18 @@ def test_bfloat16_keeps_its_dtype_and_is_as_accurate_as_the_textbook_version():
 
 def relative_error(x, truth):
     return float(jnp.linalg.norm(x.astype(truth.dtype) - truth) / jnp.linalg.norm(truth))
+
+
+def test_attention_cost_script_measures_saved_activations_linear_in_seq_for_ours_only():
+    def run(seq):
+        argv = ["--batch", "2", "--seq", str(seq), "--heads", "4", "--kv-heads", "2", "--head-dim", "8", "--steps", "1"]
+        return attention_cost(argv)
+
+    short, long = run(16), run(32)
+    assert set(short) == {"ours", "textbook"}
+    assert all(r["ms"] > 0 and r["gflop"] > 0 and r["temp_mib"] > 0 for r in short.values())
+    # Twice the sequence: ours keeps twice the bytes (q, k, v, out, per-query maximum and sum);
+    # the textbook version's probabilities make it grow toward four times.
+    scalars = 64 / 2**20  # a few bytes of scalar constants that do not grow
+    assert long["ours"]["residual_mib"] == pytest.approx(2 * short["ours"]["residual_mib"], abs=scalars)
+    assert long["textbook"]["residual_mib"] > 2.5 * short["textbook"]["residual_mib"]
