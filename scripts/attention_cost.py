@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dora_jax.models.layers import attention_bias, dot_product_attention
+from scripts.compare_paths import compiled_cost
 
 
 def textbook_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
@@ -35,11 +36,11 @@ def textbook_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Ar
 IMPLEMENTATIONS = {"ours": dot_product_attention, "textbook": textbook_attention}
 
 
-def residual_bytes(attention, q, k, v, allowed) -> int:
-    """Bytes of the arrays the backward keeps from the forward, not counting the inputs."""
+def residuals(attention, q, k, v, allowed) -> list[jax.Array]:
+    """The arrays the backward keeps from the forward (``jax.vjp``'s residuals), not the inputs."""
     _, backward = jax.vjp(lambda q, k, v: attention(q, k, v, allowed), q, k, v)
     inputs = {id(x) for x in (q, k, v, allowed)}
-    return sum(leaf.nbytes for leaf in jax.tree.leaves(backward) if id(leaf) not in inputs)
+    return [leaf for leaf in jax.tree.leaves(backward) if id(leaf) not in inputs]
 
 
 def measure(args) -> dict[str, dict[str, float]]:
@@ -53,13 +54,11 @@ def measure(args) -> dict[str, dict[str, float]]:
     for name, attention in IMPLEMENTATIONS.items():
         loss = lambda q, k, v, attention=attention: jnp.sum(attention(q, k, v, allowed).astype(jnp.float32))  # noqa: E731
         grads[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-        compiled = grads[name].lower(q, k, v).compile()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
+        cost = compiled_cost(grads[name].lower(q, k, v).compile())
         results[name] = {
-            "residual_mib": residual_bytes(attention, q, k, v, allowed) / 2**20,
-            "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
-            "gflop": float(cost["flops"]) / 1e9,
+            "residual_mib": sum(r.nbytes for r in residuals(attention, q, k, v, allowed)) / 2**20,
+            "temp_mib": cost["temp_bytes"] / 2**20,
+            "gflop": cost["flops"] / 1e9,
             "times": [],
         }
         jax.block_until_ready(grads[name](q, k, v))

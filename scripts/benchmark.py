@@ -69,6 +69,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import dora_jax as dj  # noqa: E402
 from dora_jax import models  # noqa: E402
+from scripts.compare_paths import compiled_cost  # noqa: E402
 
 VARIANTS = (
     ("full", None, None),
@@ -151,8 +152,7 @@ def variant_step(model, params, name, method, norm_grad, path, rank):
 
 def compiled_figures(step, args_) -> dict:
     compiled = step.lower(*args_).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    cost = compiled_cost(compiled)
     memory = compiled.memory_analysis()
     peak = (
         memory.argument_size_in_bytes
@@ -161,9 +161,9 @@ def compiled_figures(step, args_) -> dict:
         - memory.alias_size_in_bytes
     )
     return {
-        "gflop": float(cost["flops"]) / 1e9,
+        "gflop": cost["flops"] / 1e9,
         "peak_mib": peak / 2**20,
-        "temp_mib": memory.temp_size_in_bytes / 2**20,
+        "temp_mib": cost["temp_bytes"] / 2**20,
     }
 
 
