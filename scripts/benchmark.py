@@ -112,14 +112,14 @@ TARGETS = {
 
 
 def loss_fn(model, forward):
-    """Masked LM cross-entropy for Llama, a regression on the hidden states for MiniLM."""
+    """Next-token cross-entropy for Llama; for MiniLM the squared error to a fixed random target."""
 
     encoder = isinstance(model, models.BertModel)  # hidden states out, not next-token logits
 
     def loss(trainable, frozen, batch):
         out = forward(trainable, frozen, batch["ids"]).astype(jnp.float32)
-        if encoder:
-            return jnp.mean(out**2)
+        if encoder:  # a fixed random target: after the last LayerNorm mean(out**2) is ~1 for any weights
+            return jnp.mean((out - batch["target"]) ** 2)
         log_probs = jax.nn.log_softmax(out[:, :-1])
         return -jnp.mean(jnp.take_along_axis(log_probs, batch["ids"][:, 1:, None], axis=-1))
 
@@ -176,6 +176,10 @@ def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
     params = jax.device_put(params, replicated)
     ids = jax.random.randint(jax.random.key(2), (args.batch, args.seq), 3, hf_config["vocab_size"])
     batch = {"ids": jax.device_put(ids, split)}
+    target = None
+    if isinstance(model, models.BertModel):
+        target = regression_target(args.batch, args.seq, hf_config["hidden_size"])
+        batch["target"] = jax.device_put(target, split)
     runs = {}
     for variant, method, norm_grad in VARIANTS:
         for path in ["factored"] if method is None else args.paths.split(","):
@@ -190,7 +194,7 @@ def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
             run["advance"] = lambda run=run: _advance(run, batch)
             runs[key] = run
     if args.peft and name == "minilm":
-        runs.update(peft_runs(hf_config, ids, args))
+        runs.update(peft_runs(hf_config, ids, target, args))
     for _ in range(args.warmup):
         for run in runs.values():
             run["advance"]()
@@ -229,7 +233,12 @@ def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
     return rows
 
 
-def peft_runs(hf_config: dict, ids, args) -> dict:
+def regression_target(batch: int, seq: int, hidden: int) -> np.ndarray:
+    """The MiniLM rows' fixed regression target (standard normal, seed 3), shared with the PyTorch rows."""
+    return np.random.default_rng(3).standard_normal((batch, seq, hidden), dtype=np.float32)
+
+
+def peft_runs(hf_config: dict, ids, target: np.ndarray, args) -> dict:
     """PyTorch steps of the same shape and loss: full fine-tuning, PEFT LoRA and PEFT DoRA (AdamW, eager)."""
     import peft
     import torch
@@ -237,6 +246,7 @@ def peft_runs(hf_config: dict, ids, args) -> dict:
 
     config = transformers.BertConfig(**hf_config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     tokens = torch.tensor(np.asarray(ids), dtype=torch.long)
+    target = torch.from_numpy(target)
     runs = {}
     for variant in ("full", "lora", "dora"):
         torch.manual_seed(0)
@@ -258,7 +268,7 @@ def peft_runs(hf_config: dict, ids, args) -> dict:
 
         def advance(model=model, optimizer=optimizer):
             optimizer.zero_grad(set_to_none=True)
-            loss = model(input_ids=tokens).last_hidden_state.pow(2).mean()
+            loss = (model(input_ids=tokens).last_hidden_state - target).pow(2).mean()
             loss.backward()
             optimizer.step()
             return loss.item()

@@ -81,3 +81,22 @@ def test_every_variant_trains_on_a_finite_loss(rows):
     # MiniLM regresses its hidden states to zero (as the PEFT rows do), Llama predicts the next token:
     # a NaN here would mean the timed step differentiates a loss that teaches nothing.
     assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+
+
+def test_the_minilm_loss_has_a_gradient():
+    # The hidden states leave a LayerNorm: mean(out**2) is ~1 for any weights and its gradient ~0, so
+    # the timed step would train nothing. The regression to a fixed target must not be flat.
+    import jax
+    import optax
+
+    from dora_jax import models
+
+    args = benchmark.parse_args(["--models", "minilm", "--minilm-layers", "1", "--minilm-hidden", "48"])
+    model = models.from_hf_config(benchmark.model_shapes(args)["minilm"])
+    params = models.init_params(model, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (2, 16), 3, 1000)
+    batch = {"ids": ids, "target": benchmark.regression_target(2, 16, 48)}
+    forward = lambda trainable, frozen, ids: model.apply({"params": trainable}, ids)  # noqa: E731
+    grads = jax.grad(benchmark.loss_fn(model, forward))(params, None, batch)
+    kernels = [g for path, g in jax.tree_util.tree_leaves_with_path(grads) if "kernel" in jax.tree_util.keystr(path)]
+    assert optax.global_norm(kernels) > 1e-2  # what the adapters learn from; the LayerNorm scales learn anyway

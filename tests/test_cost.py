@@ -69,3 +69,39 @@ def test_remat_names_its_choices_and_the_family_it_supports():
         models.from_hf_config(dict(TINY_LLAMA, model_type="llama"), remat="some")
     with pytest.raises(ConfigError, match=r"remat='full' is supported for the Llama family, not model_type 'bert'"):
         models.from_hf_config(dict(model_type="bert", vocab_size=10), remat="full")
+
+
+def stack_temp_bytes(dense, method: str, layers: int, tokens: int = 64, width: int = 512) -> int:
+    """Compiled temporary bytes of the adapter gradient of ``layers`` tanh(dense) layers, width x width each."""
+    import jax
+    import jax.numpy as jnp
+
+    from dora_jax.core import init_adapter
+
+    cfg = AdapterConfig(targets="k", rank=8, method=method, norm_grad="exact")
+    kernels = [jax.random.normal(jax.random.key(i), (width, width)) / width**0.5 for i in range(layers)]
+    adapters = [
+        jax.tree.map(lambda t: t + 0.01, init_adapter(jax.random.key(100 + i), w, cfg)) for i, w in enumerate(kernels)
+    ]
+    x = jax.random.normal(jax.random.key(99), (tokens, width))
+
+    def loss(adapters):
+        h = x
+        for kernel, adapter in zip(kernels, adapters, strict=True):
+            h = jnp.tanh(dense(h, kernel, adapter, cfg))
+        return jnp.mean(h**2)
+
+    return jax.jit(jax.grad(loss)).lower(adapters).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("path", ["factored", "folded"])
+def test_no_layer_holds_a_weight_sized_buffer_across_the_step(path, method):
+    # Each extra layer may add its saved activations (a few tokens x width arrays, 1/8 of a kernel
+    # each here), not a width x width kernel: XLA:CPU used to build every layer's W' (folded) or
+    # W0 m/n (factored backward) at once and hold them all.
+    from dora_jax.core import factored_dense, folded_dense
+
+    dense = {"factored": factored_dense, "folded": folded_dense}[path]
+    per_layer = (stack_temp_bytes(dense, method, 16) - stack_temp_bytes(dense, method, 8)) / 8
+    assert per_layer < 0.5 * 512 * 512 * 4
