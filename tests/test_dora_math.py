@@ -236,6 +236,27 @@ def test_factored_gradients_of_every_input_equal_textbook_autodiff_in_float64(me
         chex.assert_trees_all_equal_dtypes(ours, expected)
 
 
+@pytest.mark.parametrize("dense", [factored_dense, folded_dense])
+def test_bfloat16_gradients_keep_their_dtypes_and_follow_float32(dense):
+    w0 = jax.random.normal(jax.random.key(0), (64, 32)) * 0.05
+    cfg = AdapterConfig(rank=8, targets="k", norm_grad="exact")
+    adapter = perturb(init_adapter(jax.random.key(1), w0, cfg), scale=0.05)
+    x = jax.random.normal(jax.random.key(2), (16, 64))
+    upstream = jax.random.normal(jax.random.key(3), (16, 32))
+
+    def grads(x, w0):
+        loss = lambda x, w0, ad: jnp.sum(dense(x, w0, ad, cfg).astype(jnp.float32) * upstream)  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2))(x, w0, adapter)
+
+    half = grads(x.astype(jnp.bfloat16), w0.astype(jnp.bfloat16))
+    full = grads(x, w0)
+    assert half[0].dtype == half[1].dtype == jnp.bfloat16
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(half[2]))  # adapters stay float32
+    for ours, reference in zip(jax.tree.leaves(half), jax.tree.leaves(full), strict=True):
+        scale = np.abs(np.asarray(reference)).max()
+        np.testing.assert_allclose(np.asarray(ours, np.float32), reference, atol=0.03 * scale)
+
+
 def test_detached_gradients_equal_the_analytic_formula():
     """With the norm n treated as a constant: y = (m/n) * z, z = x W0 + s (x A) B."""
     with jax.enable_x64(True):
