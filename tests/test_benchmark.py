@@ -78,7 +78,7 @@ def test_data_throughput_counts_the_batches_it_builds():
 
 
 def test_every_variant_trains_on_a_finite_loss(rows):
-    # MiniLM regresses its hidden states to zero (as the PEFT rows do), Llama predicts the next token:
+    # MiniLM regresses its hidden states to a fixed target (as the PEFT rows do), Llama predicts the next token:
     # a NaN here would mean the timed step differentiates a loss that teaches nothing.
     assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
 

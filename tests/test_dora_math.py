@@ -198,7 +198,7 @@ def test_exact_gradients_equal_autodiff_through_merge_in_float64():
             np.testing.assert_allclose(factored[key], merged[key], rtol=1e-8, atol=1e-10)
 
 
-def textbook_dense(x, w0, adapter, cfg, bias, dropout_rng):
+def textbook_dense(x, w0, adapter, cfg, *, bias, dropout_rng):
     """The factored forward as plain autodiff sees it: (m / n) (x W0 + s drop(x) A B) + bias."""
     branch = low_rank_dropout(x, cfg.dropout, dropout_rng)
     z = x @ w0 + cfg.scale * (branch @ adapter["a"]) @ adapter["b"]
@@ -227,11 +227,8 @@ def test_factored_gradients_of_every_input_equal_textbook_autodiff_in_float64(me
         def loss(dense):
             return lambda x, w0, bias, ad: jnp.sum(dense(x, w0, ad, cfg, bias=bias, dropout_rng=rng) * upstream)
 
-        def textbook(x, w0, ad, cfg, bias, dropout_rng):
-            return textbook_dense(x, w0, ad, cfg, bias, dropout_rng)
-
         ours = jax.grad(loss(factored_dense), argnums=(0, 1, 2, 3))(x, w0, bias, adapter)
-        expected = jax.grad(loss(textbook), argnums=(0, 1, 2, 3))(x, w0, bias, adapter)
+        expected = jax.grad(loss(textbook_dense), argnums=(0, 1, 2, 3))(x, w0, bias, adapter)
         chex.assert_trees_all_close(ours, expected, rtol=1e-10, atol=1e-12)
         chex.assert_trees_all_equal_dtypes(ours, expected)
 
