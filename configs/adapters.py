@@ -9,7 +9,7 @@ as in the model zoo). Turn one into an AdapterConfig with
 
 import ml_collections
 
-LLAMA_QKV_UP_DOWN = r".*/(q_proj|k_proj|v_proj|up_proj|down_proj)/kernel"
+from dora_jax import run_config
 
 PRESETS = {
     # Paper, LLaMA-7B / Llama-3-8B: r=32, alpha=64, dropout 0.05, lr 1e-4 (DoRA) / 3e-4 (LoRA).
@@ -22,19 +22,9 @@ PRESETS = {
 
 
 def get_config(preset: str = "dora_r32") -> ml_collections.ConfigDict:
-    """The adapter fields of one preset; every AdapterConfig field is named."""
+    """The adapter fields of one preset: every AdapterConfig field, the paper's targets (q, k, v, up, down)."""
     if preset not in PRESETS:
         raise ValueError(f"configs/adapters.py: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return ml_collections.ConfigDict(
-        dict(
-            targets=LLAMA_QKV_UP_DOWN,
-            dropout=0.05,  # LLM-Adapters' lora_dropout for the commonsense runs
-            norm_grad="detach",  # paper section 4.3
-            rslora=False,
-            init="kaiming_uniform",
-            dtype="float32",
-            input_axes={},
-            forward="factored",
-            **PRESETS[preset],
-        )
-    )
+    config = run_config.adapter_defaults()
+    config.update(dropout=0.05, norm_grad="detach", **PRESETS[preset])  # LLM-Adapters' dropout; paper section 4.3
+    return config

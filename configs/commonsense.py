@@ -8,7 +8,7 @@ Setting: targets q, k, v, up, down; r=32, alpha=64 (half-rank DoRA: r=16, alpha=
 prompt with the loss on the response; AdamW, 100 warmup steps, linear decay. lr 1e-4 for DoRA
 r=32 on LLaMA-7B and Llama-3-8B, 2e-4 for other ranks and LLaMA-2-7B, 3e-4 for LoRA. Reported
 LLaMA-7B averages over the eight tasks: LoRA r=32 76.3, DoRA r=32 78.4, DoRA r=16 77.5 (sic: the
-paper's half-rank row), DoRA r=8 77.9 (see DESIGN.md). The frozen base is kept in bfloat16, computed
+paper's half-rank row), DoRA r=8 77.9 (docs/data.md). The frozen base is kept in bfloat16, computed
 in bfloat16, with float32 adapters, and split over the devices with fsdp.
 """
 
@@ -34,7 +34,7 @@ def get_config(variant: str = "llama7b_dora_r32"):
     c.model.dtype = "bfloat16"
     c.model.compute_dtype = "bfloat16"
     c.adapter.update(method=method, rank=rank, alpha=2.0 * rank, dropout=0.05, norm_grad="detach")
-    c.adapter.targets = r".*/(q_proj|k_proj|v_proj|up_proj|down_proj)/kernel"
+    c.adapter.targets = run_config.PAPER_TARGETS  # q, k, v, up, down
     c.data.update(
         source="instruction",
         path="<path to commonsense_170k.json>",

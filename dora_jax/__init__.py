@@ -3,7 +3,7 @@
 from dora_jax import core, errors, io, models, optim, targets
 from dora_jax.core import AdapterConfig, decompose, init_adapters, merge
 from dora_jax.errors import ConfigError, DoraError, InjectError, ShapeError, TargetError
-from dora_jax.inject import inject
+from dora_jax.inject import inject, merged_targets
 from dora_jax.optim import combine, masked, partition, trainable_mask
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "io",
     "masked",
     "merge",
+    "merged_targets",
     "models",
     "optim",
     "partition",

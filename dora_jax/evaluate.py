@@ -85,6 +85,7 @@ def generate_answers(
     task: str,
     tokenizer: Any,
     forward: Any,
+    params: Any,
     config: Any,
     batch_size: int,
     max_new_tokens: int = 32,
@@ -92,6 +93,9 @@ def generate_answers(
     eos_id: int | None = None,
 ) -> tuple[list[str], list[str]]:
     """(answers, generated texts): decoding after the evaluation prompt, then ``extract_answer``.
+
+    ``forward(params, ids, **kw)`` as ``generate`` takes it (``lm_forward``); every batch reuses
+    one compiled decoding loop.
 
     ``num_beams=1`` decodes greedily; more runs beam search (the official setting is 4 beams,
     32 new tokens).
@@ -109,10 +113,10 @@ def generate_answers(
             ids[row, width - len(tokens) :], mask[row, width - len(tokens) :] = tokens, 1
         mask[len(chunk) :, -1] = 1  # filler rows attend to one token
         if num_beams == 1:
-            new = generate.greedy(forward, config, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens)
+            new = generate.greedy(forward, params, config, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens)
         else:
             new, _ = generate.beam_search(
-                forward, config, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens, num_beams, eos_id
+                forward, params, config, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens, num_beams, eos_id
             )
         texts += [tokenizer.decode(np.asarray(row).tolist(), skip_special_tokens=True) for row in new[: len(chunk)]]
     return [commonsense.extract_answer(task, commonsense.response(t)) for t in texts], texts
@@ -259,12 +263,12 @@ def evaluate_run(
     tokenizer = io.load_tokenizer(tokenizer_dir)
     eos = data_lib.eos_id(pathlib.Path(tokenizer_dir))
     score, nll_sums = (sharded_metric(run, trainable, m) for m in (sequence_logprobs, train.lm_metrics))
-    if method in ("greedy", "beam") and not isinstance(run.model, models.LlamaForCausalLM):
-        raise ConfigError(f"--method={method} needs a Llama-family model; this run's is {type(run.model).__name__}")
+    if method in ("greedy", "beam") and not models.family(run.model).generates:
+        raise ConfigError(
+            f"--method={method} needs a model that generates (Llama family); this run's is {type(run.model).__name__}"
+        )
 
-    def bound(ids, **kwargs):
-        return _apply(run, trainable, ids, **kwargs)
-
+    forward = lm_forward(run.model, run.adapter_cfg)
     results = {}
     for task, records in records_by_task.items():
         if method == "perplexity":
@@ -275,7 +279,7 @@ def evaluate_run(
         if method != "loglik":
             beams = 4 if method == "beam" else 1
             predictions, _ = generate_answers(
-                records, task, tokenizer, bound, run.model.config, batch_size, 32, beams, eos
+                records, task, tokenizer, forward, (run.frozen, trainable), run.model.config, batch_size, 32, beams, eos
             )
         else:
             predictions = score_records(records, task, tokenizer, score, config.data.cutoff_len, batch_size)
@@ -375,11 +379,17 @@ def _classifier_run(workdir: pathlib.Path) -> bool:
     return path.exists() and json.loads(path.read_text()).get("model.num_labels", 0) > 0
 
 
-def _apply(run: Any, trainable: Any, ids: jax.Array, **kwargs: Any) -> Any:
-    """The run's model on ``ids`` with extra apply arguments (attention mask, positions, cache)."""
-    if run.adapter_cfg is None:
-        return run.model.apply({"params": trainable}, ids, **kwargs)
-    return inject(run.model.apply, run.adapter_cfg)(run.frozen, trainable, ids, **kwargs)
+def lm_forward(model: Any, adapter_cfg: Any) -> Any:
+    """forward((frozen, trainable), ids, **kw): a run's model for ``generate`` (mask, positions, cache)."""
+    adapted = None if adapter_cfg is None else inject(model.apply, adapter_cfg)
+
+    def forward(params, ids, **kwargs):
+        frozen, trainable = params
+        if adapted is None:
+            return model.apply({"params": trainable}, ids, **kwargs)
+        return adapted(frozen, trainable, ids, **kwargs)
+
+    return forward
 
 
 def main(argv: list[str] | None = None) -> None:

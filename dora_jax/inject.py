@@ -30,10 +30,9 @@ from opt_einsum import parser as einsum_parser
 
 from dora_jax import targets
 from dora_jax.core import AdapterConfig, factored_dense, folded_dense, kernel_layout, matched_entries, merge
+from dora_jax.core.config import FALLBACKS
 from dora_jax.core.dora import Adapter
 from dora_jax.errors import ConfigError, InjectError
-
-FALLBACKS = ("merge", "error")
 
 
 def _promote(module: nn.Module, x: jax.Array, kernel: jax.Array, bias: jax.Array | None):
@@ -45,21 +44,30 @@ def _custom_dot(module: nn.Module) -> bool:
     return getattr(module, "dot_general", None) is not None or getattr(module, "dot_general_cls", None) is not None
 
 
+# A handler returns the layer's output, or a string: why the call cannot take the adapted forward.
 def _dense(module, args, kwargs, kernel, bias, axes, route):
-    if _custom_dot(module) or axes != (0,) or len(args) != 1 or kwargs:
-        return None
+    if _custom_dot(module):
+        return "its nn.Dense has a custom dot_general"
+    if len(args) != 1 or kwargs:
+        return "its nn.Dense is called with extra arguments"
+    if axes != (0,):
+        return f"input_axes {axes} differ from nn.Dense's contraction over axis 0"
     x, _, bias = _promote(module, args[0], kernel, bias)
     return route(x, kernel, bias, module.precision)
 
 
 def _dense_general(module, args, kwargs, kernel, bias, axes, route):
-    if _custom_dot(module) or module.batch_dims or len(args) != 1 or kwargs:
-        return None
+    if _custom_dot(module):
+        return "its nn.DenseGeneral has a custom dot_general"
+    if module.batch_dims:
+        return "its nn.DenseGeneral has batch_dims"
+    if len(args) != 1 or kwargs:
+        return "its nn.DenseGeneral is called with extra arguments"
     x = args[0]
     contract = module.axis if isinstance(module.axis, tuple | list) else (module.axis,)
     contract = tuple(a % x.ndim for a in contract)
     if axes != tuple(range(len(contract))):
-        return None
+        return f"input_axes {axes} differ from the kernel axes nn.DenseGeneral contracts {tuple(range(len(contract)))}"
     x, _, bias = _promote(module, x, kernel, bias)
     moved = jnp.moveaxis(x, contract, range(x.ndim - len(contract), x.ndim))
     batch_shape = moved.shape[: x.ndim - len(contract)]
@@ -74,8 +82,10 @@ def _dense_general(module, args, kwargs, kernel, bias, axes, route):
 
 
 def _einsum(module, args, kwargs, kernel, bias, axes, route):
-    if getattr(module, "preferred_element_type", None) is not None or len(args) > 2:
-        return None
+    if getattr(module, "preferred_element_type", None) is not None:
+        return "its nn.Einsum sets preferred_element_type"
+    if len(args) > 2:
+        return "its nn.Einsum is called with extra arguments"
     x = args[0]
     spec = kwargs.get("einsum_str", args[1] if len(args) == 2 else None) or module.einsum_str
     operands, result, _ = einsum_parser.parse_einsum_input((spec.replace(" ", ""), x, kernel))
@@ -92,7 +102,7 @@ def _einsum(module, args, kwargs, kernel, bias, axes, route):
         and {w_spec[a] for a in axes} == contracted
     )
     if not plain:
-        return None
+        return f"its einsum {spec!r} is not a plain contraction of input_axes {axes} (batch or summed-only letters)"
     x, _, bias = _promote(module, x, kernel, bias)
     layout = kernel_layout(kernel.shape, axes)
     in_letters = "".join(w_spec[a] for a in layout.input_axes)
@@ -120,6 +130,7 @@ class _Router:
     def __init__(self, entries: Mapping[str, Adapter], cfg: AdapterConfig, dropout_rng: jax.Array | None):
         self.entries, self.cfg, self.dropout_rng = entries, cfg, dropout_rng
         self.handled: set[str] = set()
+        self.refused: dict[str, str] = {}  # path -> why a call to it could not be routed
         self.calls: collections.Counter[str] = collections.Counter()
 
     def __call__(self, next_fun, args, kwargs, context):
@@ -144,26 +155,55 @@ class _Router:
             return dense(x, w0, matrices, self.cfg, bias=b, dropout_rng=rng, precision=precision)
 
         out = handler(module, args, kwargs, kernel, bias, axes, route)
-        if out is None:
+        if isinstance(out, str):
+            self.refused[path] = out
             return next_fun(*args, **kwargs)
         self.handled.add(path)
         return out
 
 
-def inject(apply_fn: Callable[..., Any], cfg: AdapterConfig, *, fallback: str = "merge") -> Callable[..., Any]:
+NOT_READ = "no nn.Dense, nn.DenseGeneral or nn.Einsum call reads it (a custom layer?)"
+
+
+def _run(apply_fn: Callable[..., Any], params: Any, router: _Router, args, kwargs, collections_) -> Any:
+    with nn.intercept_methods(router):
+        return apply_fn({"params": params, **collections_}, *args, **kwargs)
+
+
+def _unrouted(apply_fn, cfg, entries, params, args, kwargs, collections_) -> tuple[_Router, dict[str, str]]:
+    """(probe, {path: reason}) after one abstract trace: the targets no layer call can route."""
+    probe = _Router(entries, cfg, None)
+    jax.eval_shape(lambda: _run(apply_fn, params, probe, args, kwargs, collections_))
+    return probe, {p: probe.refused.get(p, NOT_READ) for p in sorted(set(entries) - probe.handled)}
+
+
+def merged_targets(
+    apply_fn: Callable[..., Any],
+    cfg: AdapterConfig,
+    params: Any,
+    adapters: Any,
+    *args: Any,
+    collections: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> dict[str, str]:
+    """The targets ``inject(apply_fn, cfg)`` would merge (build W') instead of intercepting, each
+    with the reason, for a call with these arguments (shapes suffice: one abstract trace)."""
+    entries = matched_entries(params, adapters, cfg)
+    return _unrouted(apply_fn, cfg, entries, params, args, kwargs, dict(collections or {}))[1]
+
+
+def inject(apply_fn: Callable[..., Any], cfg: AdapterConfig, *, fallback: str | None = None) -> Callable[..., Any]:
     """Wraps a Flax ``apply`` so that ``f(params, adapters, *args, **kw)`` runs the adapted model.
 
     Keyword arguments of the returned function besides the model's own:
       dropout_rng: PRNG key for dropout on the low-rank branch (none when omitted: evaluation).
       collections: other variable collections to pass to ``apply`` (e.g. ``batch_stats``).
-    ``fallback``: "merge" merges targeted leaves no layer call reads; "error" raises instead.
+    ``fallback`` (default ``cfg.fallback``): "merge" merges targeted leaves no layer call can route
+    (``merged_targets`` lists them with the reason); "error" raises InjectError instead.
     """
+    fallback = cfg.fallback if fallback is None else fallback
     if fallback not in FALLBACKS:
         raise ConfigError(f"inject fallback: expected one of {FALLBACKS}; got {fallback!r}")
-
-    def run(params: Any, router: _Router, args, kwargs, collections_):
-        with nn.intercept_methods(router):
-            return apply_fn({"params": params, **collections_}, *args, **kwargs)
 
     def adapted_apply(
         params: Any,
@@ -175,17 +215,15 @@ def inject(apply_fn: Callable[..., Any], cfg: AdapterConfig, *, fallback: str = 
     ) -> Any:
         entries = matched_entries(params, adapters, cfg)
         collections_ = dict(collections or {})
-        probe = _Router(entries, cfg, None)
-        jax.eval_shape(lambda: run(params, probe, args, kwargs, collections_))
-        unrouted = sorted(set(entries) - probe.handled)
+        probe, unrouted = _unrouted(apply_fn, cfg, entries, params, args, kwargs, collections_)
         if unrouted and fallback == "error":
+            reasons = "; ".join(f"{path}: {why}" for path, why in unrouted.items())
             raise InjectError(
-                f"no Dense/DenseGeneral/Einsum call could route targets {unrouted} through the "
-                "factored forward; use fallback='merge' to merge them instead"
+                f"targets the adapted forward cannot run ({reasons}); use fallback='merge' to merge them instead"
             )
         if unrouted:
             params = merge(params, targets.nest({p: entries[p] for p in unrouted}), cfg)
         router = _Router({p: entries[p] for p in probe.handled}, cfg, dropout_rng)
-        return run(params, router, args, kwargs, collections_)
+        return _run(apply_fn, params, router, args, kwargs, collections_)
 
     return adapted_apply

@@ -6,6 +6,7 @@ start from it and override. ``check(config)`` rejects keys the schema lacks, nam
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import ml_collections
@@ -15,7 +16,24 @@ from dora_jax.errors import ConfigError
 
 METHODS = ("dora", "lora", "full")
 # Keys that may change between a run and its resumption: they do not change what is computed.
-RUNTIME_KEYS = ("train.stop_at", "train.log_every", "train.progress_bar", "checkpoint.async_save")
+RUNTIME_KEYS = (
+    "train.stop_at",
+    "train.log_every",
+    "train.progress_bar",
+    "checkpoint.async_save",
+    "adapter.fallback",  # merge or refuse an unroutable target: the same result either way
+)
+PAPER_TARGETS = r".*/(q_proj|k_proj|v_proj|up_proj|down_proj)/kernel"  # the paper's q, k, v, up, down
+
+
+def adapter_defaults() -> ml_collections.ConfigDict:
+    """The ``adapter.*`` keys: every AdapterConfig field with its default (the dataclass is the one
+    place a field is defined), the paper's targets, and ``method`` also taking "full"."""
+    values = {}
+    for field in dataclasses.fields(AdapterConfig):
+        values[field.name] = PAPER_TARGETS if field.name == "targets" else field.default
+    values["input_axes"] = {}  # {regex: axes} in a config; the dataclass stores it as pairs
+    return ml_collections.ConfigDict(values)
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -47,18 +65,7 @@ def defaults() -> ml_collections.ConfigDict:
         max_position_embeddings=64,
     )
 
-    c.adapter = ml_collections.ConfigDict()
-    c.adapter.method = "dora"  # dora | lora | full (full fine-tuning, the baseline)
-    c.adapter.rank = 8
-    c.adapter.alpha = 16.0
-    c.adapter.targets = r".*/(q_proj|k_proj|v_proj|up_proj|down_proj)/kernel"  # the paper's q,k,v,up,down
-    c.adapter.dropout = 0.0
-    c.adapter.norm_grad = "detach"  # detach (paper 4.3, PEFT) | exact
-    c.adapter.rslora = False
-    c.adapter.init = "kaiming_uniform"
-    c.adapter.dtype = "float32"  # adapters stay float32 under bfloat16 compute
-    c.adapter.input_axes = {}
-    c.adapter.forward = "factored"  # factored | folded (W0 + sAB built per layer; fewer activation passes)
+    c.adapter = adapter_defaults()  # AdapterConfig's fields (docs/concepts.md); method "full": full fine-tuning
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # synthetic (offline) | instruction (LLM-Adapters JSON/JSONL) | tfds | classification

@@ -30,8 +30,8 @@ import optax
 from dora_jax import data as data_lib
 from dora_jax import io, models, parallel, run_config
 from dora_jax.core import init_adapters, merge
-from dora_jax.errors import ConfigError, DoraError
-from dora_jax.inject import inject
+from dora_jax.errors import ConfigError, DoraError, InjectError
+from dora_jax.inject import inject, merged_targets
 from dora_jax.io.checkpoints import Checkpoints
 from dora_jax.metrics_writer import MetricsWriter
 
@@ -138,10 +138,8 @@ def classification_metrics(logits: jax.Array, batch: dict[str, jax.Array]) -> di
 
 
 def is_classifier(model: Any) -> bool:
-    return isinstance(model, models.BertForSequenceClassification)
-
-
-HEAD = "classifier"  # a classifier's head: trained in full alongside the adapters (PEFT's modules_to_save)
+    """Whether the model has a head trained in full with the adapters (a sequence classifier)."""
+    return models.family(model).head is not None
 
 
 def split_trainable(trainable: Any) -> tuple[Any, Any]:
@@ -151,14 +149,14 @@ def split_trainable(trainable: Any) -> tuple[Any, Any]:
     return trainable, None
 
 
-def with_head(params: Any, head: Any) -> Any:
-    """``params`` with the classifier head replaced by the trained ``head`` (no-op for None)."""
-    return params if head is None else {**params, HEAD: head}
+def with_head(model: Any, params: Any, head: Any) -> Any:
+    """``params`` with the model's head replaced by the trained ``head`` (no-op for None)."""
+    return params if head is None else {**params, models.family(model).head: head}
 
 
 def make_forward(model: Any, adapter_cfg: Any):
     """forward(trainable, frozen, batch, rng) -> logits, for full fine-tuning or adapters (and a trained head)."""
-    names = ("attention_mask", "token_type_ids") if is_classifier(model) else ()
+    names = models.family(model).inputs
     adapted = None if adapter_cfg is None else inject(model.apply, adapter_cfg)
 
     def forward(trainable, frozen, batch, rng):
@@ -166,7 +164,7 @@ def make_forward(model: Any, adapter_cfg: Any):
         if adapted is None:
             return model.apply({"params": trainable}, batch["inputs"], **kwargs)
         adapters, head = split_trainable(trainable)
-        return adapted(with_head(frozen, head), adapters, batch["inputs"], dropout_rng=rng, **kwargs)
+        return adapted(with_head(model, frozen, head), adapters, batch["inputs"], dropout_rng=rng, **kwargs)
 
     return forward
 
@@ -327,6 +325,18 @@ class Run:
         return _summarise(totals)
 
 
+def report_merged_targets(model: Any, params: Any, adapters: Any, adapter_cfg: Any) -> dict[str, str]:
+    """Logs, once, every target the adapted forward cannot run and merges (builds W') instead, with
+    the reason; with ``adapter.fallback=error`` that is an InjectError naming them."""
+    merged = merged_targets(model.apply, adapter_cfg, params, adapters, *models.dummy_inputs(model))
+    if merged and adapter_cfg.fallback == "error":
+        reasons = "; ".join(f"{path}: {why}" for path, why in merged.items())
+        raise InjectError(f"adapter.fallback=error and targets the adapted forward cannot run: {reasons}")
+    for path, why in merged.items():
+        log.warning("target %s is merged into the kernel at every step (W' built): %s", path, why)
+    return merged
+
+
 def build(config: ml_collections.ConfigDict) -> Run:
     """Checks ``config`` and builds its mesh, model, shardings, jitted steps and initial state."""
     run_config.check(config)
@@ -363,11 +373,13 @@ def build(config: ml_collections.ConfigDict) -> Run:
         trainable, frozen, trainable_sharding, frozen_sharding = params, None, param_sharding, None
     else:
         adapters = init_adapters(jax.random.key(config.seed), params, adapter_cfg)
+        report_merged_targets(model, params, adapters, adapter_cfg)
         trainable_sharding = parallel.adapter_shardings(adapters, logical, mesh, rules)
         trainable, frozen, frozen_sharding = jax.device_put(adapters, trainable_sharding), params, param_sharding
         if classify:  # the new head is trained in full, as PEFT's modules_to_save
-            trainable = {"adapters": trainable, "head": params[HEAD]}
-            trainable_sharding = {"adapters": trainable_sharding, "head": param_sharding[HEAD]}
+            head_key = models.family(model).head
+            trainable = {"adapters": trainable, "head": params[head_key]}
+            trainable_sharding = {"adapters": trainable_sharding, "head": param_sharding[head_key]}
 
     tx = make_optimizer(config, trainable)
     replicated = parallel.replicated(mesh)
@@ -519,7 +531,7 @@ def write_export(fmt: str, out: pathlib.Path, config, model, params, adapter_cfg
             base_model_name_or_path=config.model.hf_dir or None,
             head=head,
         )
-    return io.save_hf(model, with_head(merge(jax.device_get(params), adapters, adapter_cfg), head), out)
+    return io.save_hf(model, with_head(model, merge(jax.device_get(params), adapters, adapter_cfg), head), out)
 
 
 def _export(config, model, params, adapter_cfg, trainable, workdir: pathlib.Path) -> None:

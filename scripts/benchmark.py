@@ -114,7 +114,7 @@ TARGETS = {
 def loss_fn(model, forward):
     """Next-token cross-entropy for Llama; for MiniLM the squared error to a fixed random target."""
 
-    encoder = isinstance(model, models.BertModel)  # hidden states out, not next-token logits
+    encoder = models.family(model).output == "hidden"  # hidden states out, not next-token logits
 
     def loss(trainable, frozen, batch):
         out = forward(trainable, frozen, batch["ids"]).astype(jnp.float32)
@@ -133,7 +133,7 @@ def variant_step(model, params, name, method, norm_grad, path, rank):
         forward = lambda trainable, frozen, ids: model.apply({"params": trainable}, ids)  # noqa: E731
         trainable, frozen = jax.tree.map(jnp.copy, params), None  # donated by the step: not the shared params
     else:
-        arch = "minilm" if isinstance(model, models.BertModel) else "llama"
+        arch = "minilm" if models.family(model).output == "hidden" else "llama"
         cfg = dj.AdapterConfig(method=method, rank=rank, alpha=2.0 * rank, targets=TARGETS[arch], norm_grad=norm_grad)
         trainable, frozen = dj.init_adapters(jax.random.key(1), params, cfg), params
         trainable = jax.tree.map(lambda a: a + 0.01, trainable)  # B != 0: a trained adapter
@@ -177,7 +177,7 @@ def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
     ids = jax.random.randint(jax.random.key(2), (args.batch, args.seq), 3, hf_config["vocab_size"])
     batch = {"ids": jax.device_put(ids, split)}
     target = None
-    if isinstance(model, models.BertModel):
+    if models.family(model).output == "hidden":
         target = regression_target(args.batch, args.seq, hf_config["hidden_size"])
         batch["target"] = jax.device_put(target, split)
     runs = {}

@@ -1,5 +1,6 @@
 """Small Flax models shared by the tests: an MLP of Dense layers and an attention block."""
 
+import os
 import pathlib
 
 import flax.linen as nn
@@ -7,6 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+# The suite's time goes into compiling many small programs, not running them: LLVM's -O0 halves
+# XLA:CPU's compile time (the same HLO, buffers and results; slower kernels). Set before any test
+# initialises the backend; subprocesses inherit it (the README command's test removes it).
+TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
+if TEST_XLA_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAG}".strip()
 
 # HF config kwargs of the tiny models the HF, PEFT and I/O tests build.
 TINY_LLAMA = dict(

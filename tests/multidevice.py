@@ -1,4 +1,4 @@
-"""Runs in a subprocess with 8 forced CPU devices (XLA_FLAGS) and prints JSON results for test_train.py.
+"""Runs in a subprocess with 8 forced CPU devices (XLA_FLAGS) and prints JSON results for test_multidevice.py.
 
 XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice.py
 """
@@ -22,6 +22,7 @@ MESHES = {
     "tensor": dict(data=1, fsdp=1, tensor=8),
     "mixed": dict(data=2, fsdp=2, tensor=2),
 }
+SCORED = ("one_device", "data", "mixed")  # meshes whose sharded evaluator is compared with one device's
 
 
 def config(mesh, method="dora"):
@@ -37,26 +38,22 @@ def config(mesh, method="dora"):
     return c
 
 
-def losses(mesh, method, steps=5):
+def measure(mesh, method, steps=5, scores=False):
+    """Losses of ``steps`` train steps, the compiled step's argument bytes per device and, with
+    ``scores``, the sequence log-probabilities of one evaluation batch scored by the sharded evaluator;
+    one run built (and its step compiled) for all three."""
     run = train.build(config(mesh, method))
-    state, out = run.state, []
+    out = {"losses": []}
+    if scores:  # before training: the steps donate the initial state
+        score = evaluate.sharded_metric(run, run.state["trainable"], evaluate.sequence_logprobs)
+        out["eval_scores"] = np.asarray(score(run.source.eval_batches()[0])).tolist()
+    state = run.state
     for step in range(steps):
         state, metrics = run.train_step(state, run.frozen, run.batch(step), run.step_rng(step))
-        out.append(float(metrics["loss"]))
+        out["losses"].append(float(metrics["loss"]))
+    compiled = run.train_step.lower(state, run.frozen, run.batch(0), run.step_rng(0)).compile()  # cached
+    out["argument_bytes"] = compiled.memory_analysis().argument_size_in_bytes
     return out
-
-
-def argument_bytes(mesh):
-    run = train.build(config(mesh, "full"))
-    compiled = run.train_step.lower(run.state, run.frozen, run.batch(0), run.step_rng(0)).compile()
-    return compiled.memory_analysis().argument_size_in_bytes
-
-
-def eval_scores(mesh):
-    """Sequence log-probabilities of one evaluation batch, scored by the sharded evaluator."""
-    run = train.build(config(mesh))
-    score = evaluate.sharded_metric(run, run.state["trainable"], evaluate.sequence_logprobs)
-    return np.asarray(score(run.source.eval_batches()[0])).tolist()
 
 
 def error(mesh, **overrides):
@@ -73,19 +70,17 @@ def error(mesh, **overrides):
 
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.devices()
+    # The folded forward is compared with the factored one on one device (equal to float tolerance).
+    plan = {"dora": list(MESHES), "full": ["one_device", "data", "fsdp", "tensor"], "folded": ["fsdp", "mixed"]}
+    runs = {
+        f"{method}/{name}": measure(MESHES[name], method, scores=method == "dora" and name in SCORED)
+        for method, names in plan.items()
+        for name in names
+    }
     results = {
-        "losses": {
-            f"{method}/{name}": losses(mesh, method)
-            for method, names in (
-                ("dora", list(MESHES)),
-                ("full", ["one_device", "fsdp", "tensor"]),
-                ("folded", ["one_device", "fsdp", "mixed"]),
-            )
-            for name, mesh in MESHES.items()
-            if name in names
-        },
-        "eval_scores": {name: eval_scores(MESHES[name]) for name in ("one_device", "data", "mixed")},
-        "argument_bytes": {name: argument_bytes(MESHES[name]) for name in ("data", "fsdp")},
+        "losses": {key: run["losses"] for key, run in runs.items()},
+        "eval_scores": {name: runs[f"dora/{name}"]["eval_scores"] for name in SCORED},
+        "argument_bytes": {name: runs[f"full/{name}"]["argument_bytes"] for name in ("data", "fsdp")},
         "mesh_error": error(dict(data=3, fsdp=1, tensor=1)),
         "batch_error": error(dict(data=8, fsdp=1, tensor=1), **{"train.batch_size": 12}),
     }

@@ -23,7 +23,7 @@ from dora_jax.core.dora import NORM_EPS, low_rank_dropout
 
 
 def numpy_merge(w0, a, b, m, scale, method):
-    """W' in float64 numpy, straight from the formula in DESIGN.md."""
+    """W' in float64 numpy, straight from the formula in docs/concepts.md."""
     w = np.asarray(w0, np.float64) + scale * np.asarray(a, np.float64) @ np.asarray(b, np.float64)
     if method == "lora":
         return w
@@ -33,11 +33,11 @@ def numpy_merge(w0, a, b, m, scale, method):
 @settings(max_examples=25, deadline=None)
 @given(d_in=st.integers(1, 9), d_out=st.integers(1, 9), seed=st.integers(0, 2**16))
 def test_decompose_round_trips_and_gives_unit_columns(d_in, d_out, seed):
-    kernel = jax.random.normal(jax.random.key(seed), (d_in, d_out))
-    magnitude, direction = dj.decompose(kernel)
+    kernel = np.random.default_rng(seed).normal(size=(d_in, d_out)).astype(np.float32)
+    magnitude, direction = jax.jit(dj.decompose)(kernel)  # one compile per shape, not one per operation
     chex.assert_shape(magnitude, (d_out,))
     np.testing.assert_allclose(magnitude * direction, kernel, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(jnp.linalg.norm(direction, axis=0), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(direction, axis=0), 1.0, rtol=1e-6)
 
 
 def test_decompose_of_a_three_axis_kernel_takes_norms_over_the_input_axes():

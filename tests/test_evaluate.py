@@ -104,8 +104,8 @@ def test_greedy_generation_scores_the_first_answer_word_of_the_decoded_text(trai
     assert results["boolq"]["records"] == 5 and 0.0 <= results["boolq"]["accuracy"] <= 1.0
     assert json.loads((root / "run" / "eval" / "commonsense.json").read_text())["method"] == "greedy"
     run, trainable, _ = train.restore_latest(root / "run")
-    forward = lambda ids, **kw: evaluate._apply(run, trainable, ids, **kw)  # noqa: E731
-    answers, texts = evaluate.generate_answers(BOOLQ, "boolq", tokenizer, forward, run.model.config, batch_size=4)
+    forward, params = evaluate.lm_forward(run.model, run.adapter_cfg), (run.frozen, trainable)
+    answers, texts = evaluate.generate_answers(BOOLQ, "boolq", tokenizer, forward, params, run.model.config, 4)
     assert len(texts) == 5 and answers == [cs.extract_answer("boolq", t) for t in texts]
     assert results["boolq"]["correct"] == sum(a == r["answer"] for a, r in zip(answers, BOOLQ, strict=True))
 
@@ -113,9 +113,9 @@ def test_greedy_generation_scores_the_first_answer_word_of_the_decoded_text(trai
 def test_beam_search_evaluation_with_one_beam_matches_greedy(trained_run):
     root, tokenizer = trained_run
     run, trainable, _ = train.restore_latest(root / "run")
-    forward = lambda ids, **kw: evaluate._apply(run, trainable, ids, **kw)  # noqa: E731
-    greedy = evaluate.generate_answers(BOOLQ, "boolq", tokenizer, forward, run.model.config, 4, max_new_tokens=6)
-    beam = evaluate.generate_answers(BOOLQ, "boolq", tokenizer, forward, run.model.config, 4, 6, num_beams=1)
+    forward, params = evaluate.lm_forward(run.model, run.adapter_cfg), (run.frozen, trainable)
+    greedy = evaluate.generate_answers(BOOLQ, "boolq", tokenizer, forward, params, run.model.config, 4, 6)
+    beam = evaluate.generate_answers(BOOLQ, "boolq", tokenizer, forward, params, run.model.config, 4, 6, num_beams=1)
     assert beam == greedy
     results = evaluate.evaluate_run(root / "run", root / "data", tasks=["winogrande"], batch_size=4, method="beam")
     assert results["winogrande"]["records"] == 3

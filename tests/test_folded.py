@@ -107,8 +107,14 @@ def test_inject_folded_equals_merge_on_attention_with_dense_general_kernels(bloc
     grad = jax.jit(jax.grad(lambda ad: jnp.sum(folded(params, ad, x) ** 2)))(adapters)
     through_merge = jax.jit(jax.grad(lambda ad: jnp.sum(merged(ad) ** 2)))(adapters)
     through_factored = jax.jit(jax.grad(lambda ad: jnp.sum(factored(params, ad, x) ** 2)))(adapters)
-    chex.assert_trees_all_close(grad, through_merge, rtol=1e-4, atol=1e-5)
-    chex.assert_trees_all_close(grad, through_factored, rtol=1e-4, atol=1e-5)
+    # float32 sums of terms of size ~100 (exactness is tested in float64 above): entries that
+    # cancel to ~0.1 are compared to a tolerance on the scale of their leaf.
+    for reference in (through_merge, through_factored):
+        jax.tree.map(
+            lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(r)))),
+            grad,
+            reference,
+        )
 
 
 def test_forward_names_its_choices():

@@ -20,11 +20,20 @@ def tiny():
     return model, params, ids, mask
 
 
+def plain(model):
+    """forward(params, ids, **kw) of the model alone, one object per model so that loops are reused."""
+    if model not in FORWARDS:
+        FORWARDS[model] = lambda params, ids, **kw: model.apply({"params": params}, ids, **kw)
+    return FORWARDS[model]
+
+
+FORWARDS = {}
+
+
 def test_cached_greedy_decoding_equals_recomputing_the_whole_sequence(tiny):
     model, params, ids, mask = tiny
-    forward = lambda x, **kw: model.apply({"params": params}, x, **kw)  # noqa: E731
-    cached = generate.greedy(forward, model.config, ids, mask, max_new_tokens=8)
-    recomputed = generate.greedy(forward, model.config, ids, mask, max_new_tokens=8, use_cache=False)
+    cached = generate.greedy(plain(model), params, model.config, ids, mask, max_new_tokens=8)
+    recomputed = generate.greedy(plain(model), params, model.config, ids, mask, max_new_tokens=8, use_cache=False)
     np.testing.assert_array_equal(cached, recomputed)
     assert cached.shape == (3, 8) and len(np.unique(np.asarray(cached))) > 2
 
@@ -34,12 +43,11 @@ def test_cached_decoding_works_through_inject_with_adapters(tiny):
     cfg = dj.AdapterConfig(rank=4, targets=r".*/(q_proj|v_proj|up_proj)/kernel")
     adapters = jax.tree.map(lambda a: a + 0.2, dj.init_adapters(jax.random.key(1), params, cfg))
     adapted = dj.inject(model.apply, cfg, fallback="error")
-    forward = lambda x, **kw: adapted(params, adapters, x, **kw)  # noqa: E731
+    forward = lambda both, x, **kw: adapted(*both, x, **kw)  # noqa: E731
     merged = dj.merge(params, adapters, cfg)
-    reference = lambda x, **kw: model.apply({"params": merged}, x, **kw)  # noqa: E731
     np.testing.assert_array_equal(
-        generate.greedy(forward, model.config, ids, mask, 6),
-        generate.greedy(reference, model.config, ids, mask, 6, use_cache=False),
+        generate.greedy(forward, (params, adapters), model.config, ids, mask, 6),
+        generate.greedy(plain(model), merged, model.config, ids, mask, 6, use_cache=False),
     )
 
 
@@ -74,26 +82,26 @@ def sequence_score(model, params, ids, mask, new):
 
 def test_one_beam_is_greedy(tiny):
     model, params, ids, mask = tiny
-    forward = lambda x, **kw: model.apply({"params": params}, x, **kw)  # noqa: E731
-    tokens, scores = generate.beam_search(forward, model.config, ids, mask, 5, num_beams=1)
-    np.testing.assert_array_equal(tokens, generate.greedy(forward, model.config, ids, mask, 5))
+    forward = plain(model)
+    tokens, scores = generate.beam_search(forward, params, model.config, ids, mask, 5, num_beams=1)
+    np.testing.assert_array_equal(tokens, generate.greedy(forward, params, model.config, ids, mask, 5))
     np.testing.assert_allclose(scores, sequence_score(model, params, ids, mask, tokens), rtol=1e-4, atol=1e-4)
 
 
 def test_beam_scores_are_the_sequences_log_probabilities_and_beat_greedy_here(tiny):
     model, params, ids, mask = tiny
-    forward = lambda x, **kw: model.apply({"params": params}, x, **kw)  # noqa: E731
-    tokens, scores = generate.beam_search(forward, model.config, ids, mask, 5, num_beams=4)
+    forward = plain(model)
+    tokens, scores = generate.beam_search(forward, params, model.config, ids, mask, 5, num_beams=4)
     np.testing.assert_allclose(scores, sequence_score(model, params, ids, mask, tokens), rtol=1e-4, atol=1e-4)
-    greedy = sequence_score(model, params, ids, mask, generate.greedy(forward, model.config, ids, mask, 5))
+    greedy = sequence_score(model, params, ids, mask, generate.greedy(forward, params, model.config, ids, mask, 5))
     assert np.all(np.asarray(scores) >= np.asarray(greedy) - 1e-4)
 
 
 def test_full_width_beam_search_over_two_tokens_is_exhaustive(tiny):
     model, params, ids, mask = tiny
     vocab = TINY_LLAMA["vocab_size"]
-    forward = lambda x, **kw: model.apply({"params": params}, x, **kw)  # noqa: E731
-    _, scores = generate.beam_search(forward, model.config, ids[:1], mask[:1], 2, num_beams=vocab)
+    forward = plain(model)
+    _, scores = generate.beam_search(forward, params, model.config, ids[:1], mask[:1], 2, num_beams=vocab)
     pairs = jnp.stack(jnp.meshgrid(jnp.arange(vocab), jnp.arange(vocab), indexing="ij"), -1).reshape(-1, 2)
     every = sequence_score(
         model, params, jnp.repeat(ids[:1], len(pairs), 0), jnp.repeat(mask[:1], len(pairs), 0), pairs
@@ -103,7 +111,23 @@ def test_full_width_beam_search_over_two_tokens_is_exhaustive(tiny):
 
 def test_finished_beams_continue_with_eos_at_no_cost(tiny):
     model, params, ids, mask = tiny
-    forward = lambda x, **kw: model.apply({"params": params}, x, **kw)  # noqa: E731
-    first = int(generate.greedy(forward, model.config, ids[:1], mask[:1], 1)[0, 0])
-    tokens, _ = generate.beam_search(forward, model.config, ids[:1], mask[:1], 6, num_beams=1, eos_id=first)
+    forward = plain(model)
+    first = int(generate.greedy(forward, params, model.config, ids[:1], mask[:1], 1)[0, 0])
+    tokens, _ = generate.beam_search(forward, params, model.config, ids[:1], mask[:1], 6, num_beams=1, eos_id=first)
     np.testing.assert_array_equal(tokens[0], np.full(6, first))  # EOS first, then EOS padding
+
+
+def test_repeated_decoding_compiles_each_loop_once(tiny):
+    model, params, ids, mask = tiny
+    traces = []
+
+    def counted(params, x, **kw):
+        traces.append(x.shape)  # runs only while a loop is traced for compilation
+        return model.apply({"params": params}, x, **kw)
+
+    moved = jax.tree.map(lambda p: p * 1.01, params)  # new parameter values, same shapes: no retrace
+    for p in (params, params, moved):
+        generate.greedy(counted, p, model.config, ids, mask, 4)
+        generate.beam_search(counted, p, model.config, ids, mask, 4, num_beams=2)
+    # One trace per loop: the prefill and the decoding step of greedy, the same two of beam search.
+    assert traces == [(3, 7), (3, 1), (6, 7), (6, 1)]

@@ -10,6 +10,7 @@ import pytest
 import dora_jax as dj
 from conftest import ATTENTION_AXES, perturb
 from dora_jax.core import AdapterConfig
+from dora_jax.inject import NOT_READ
 
 
 def adapted_and_merged(model, params, x, cfg, **kwargs):
@@ -82,8 +83,23 @@ def test_unintercepted_target_falls_back_to_merge():
     cfg = AdapterConfig(rank=2, targets=(r"kernel", r"head/kernel"))
     injected, merged = adapted_and_merged(model, params, x, cfg)
     np.testing.assert_allclose(injected, merged, rtol=1e-5, atol=1e-6)
-    with pytest.raises(dj.InjectError, match=r"could route targets \['kernel'\]"):
+    with pytest.raises(dj.InjectError, match=r"cannot run \(kernel: no nn.Dense, nn.DenseGeneral or nn.Einsum call"):
         adapted_and_merged(model, params, x, cfg, fallback="error")
+
+
+def test_merged_targets_name_each_leaf_and_why():
+    model = CustomKernel()
+    x = jnp.zeros((3, 10))
+    params = model.init(jax.random.key(0), x)["params"]
+    cfg = AdapterConfig(rank=2, targets=(r"kernel", r"head/kernel"))
+    adapters = dj.init_adapters(jax.random.key(1), params, cfg)
+    assert dj.merged_targets(model.apply, cfg, params, adapters, x) == {"kernel": NOT_READ}
+    dense = nn.Dense(6, dot_general=jax.lax.dot_general)
+    params = dense.init(jax.random.key(0), x)["params"]
+    cfg = AdapterConfig(rank=2, targets="kernel")
+    adapters = dj.init_adapters(jax.random.key(1), params, cfg)
+    reasons = dj.merged_targets(dense.apply, cfg, params, adapters, x)
+    assert reasons == {"kernel": "its nn.Dense has a custom dot_general"}
 
 
 def test_dense_with_custom_dot_general_falls_back_to_merge():

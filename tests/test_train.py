@@ -1,6 +1,7 @@
 """The training CLI: end to end on the default task, resume, methods, meshes on 8 CPU devices, errors."""
 
 import json
+import logging
 import os
 import pathlib
 import subprocess
@@ -10,8 +11,10 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import TEST_XLA_FLAG
 from dora_jax import io, run_config, train
-from dora_jax.errors import ConfigError
+from dora_jax.errors import ConfigError, InjectError
+from dora_jax.inject import NOT_READ
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -152,51 +155,22 @@ def test_cli_reports_a_bad_override_without_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.fixture(scope="module")
-def eight_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "multidevice.py")], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS "))
-    return json.loads(line.removeprefix("RESULTS "))
-
-
-@pytest.mark.parametrize("method", ["dora", "full", "folded"])
-def test_data_fsdp_and_tensor_meshes_give_the_losses_of_one_device(eight_devices, method):
-    losses = {k.split("/")[1]: v for k, v in eight_devices["losses"].items() if k.startswith(method + "/")}
-    assert len(losses) >= 3
-    for mesh, values in losses.items():
-        np.testing.assert_allclose(values, losses["one_device"], rtol=1e-5, atol=1e-5, err_msg=mesh)
-    if method == "folded":  # the folded forward trains like the factored one, sharded or not
-        np.testing.assert_allclose(losses["mixed"], eight_devices["losses"]["dora/one_device"], rtol=1e-5, atol=1e-5)
-
-
-def test_sharded_evaluator_scores_like_one_device(eight_devices):
-    scores = eight_devices["eval_scores"]
-    assert len(scores["one_device"]) == 16
-    for mesh in ("data", "mixed"):
-        np.testing.assert_allclose(scores[mesh], scores["one_device"], rtol=1e-5, atol=1e-5, err_msg=mesh)
-
-
-def test_fsdp_shrinks_per_device_parameter_memory(eight_devices):
-    sizes = eight_devices["argument_bytes"]
-    assert sizes["fsdp"] < sizes["data"] / 4
-
-
-def test_mesh_and_batch_errors_on_eight_devices(eight_devices):
-    assert eight_devices["mesh_error"] == (
-        "mesh {'data': 3, 'fsdp': 1, 'tensor': 1} has 3 devices, which does not divide the 8 devices available"
-    )
-    assert (
-        eight_devices["batch_error"] == "train.batch_size=12 is not divisible by the batch axes data x fsdp = 8 x 1 = 8"
-    )
+def test_targets_the_forward_cannot_run_are_reported_at_start_up(cache_dir, caplog):
+    config = small(cache_dir, **{"adapter.targets": r".*/q_proj/kernel|embed_tokens/embedding"})
+    with caplog.at_level(logging.WARNING, "dora_jax.train"):
+        train.build(config)
+    expected = f"target embed_tokens/embedding is merged into the kernel at every step (W' built): {NOT_READ}"
+    assert expected in caplog.text
+    assert "q_proj" not in caplog.text
+    config.adapter.fallback = "error"
+    with pytest.raises(InjectError, match=r"fallback=error and targets .*: embed_tokens/embedding: no nn.Dense"):
+        train.build(config)
 
 
 def test_readme_run_command_adapts_the_default_task(tmp_path):
     """scripts/run.sh with the default config, as the README runs it (base cache kept in tmp_path)."""
     env = dict(os.environ, DORA_JAX_CACHE=str(tmp_path / "cache"))
+    env["XLA_FLAGS"] = env["XLA_FLAGS"].replace(TEST_XLA_FLAG, "")  # as a user runs it (see conftest.py)
     result = subprocess.run(
         [
             "bash",

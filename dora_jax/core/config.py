@@ -17,6 +17,7 @@ METHODS = ("dora", "lora")
 NORM_GRADS = ("exact", "detach")
 INITS = ("kaiming_uniform", "gaussian")
 FORWARDS = ("factored", "folded")
+FALLBACKS = ("merge", "error")
 
 
 def _choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -58,6 +59,10 @@ class AdapterConfig:
         a custom VJP gives the A, B, m gradients without the weight-gradient matmul; two fewer
         passes over the activations per layer, for one transient kernel per layer (see
         ``core.dora.folded_dense``). Same values and gradients; merge paths ignore it.
+      fallback: what ``inject`` does with a target no Dense/DenseGeneral/Einsum call can route
+        (a custom layer, a custom dot_general, ...): "merge" builds its W' into the params (same
+        result, the cost the factored forward avoids; ``merged_targets`` lists them), "error"
+        raises InjectError.
     """
 
     method: str = "dora"
@@ -71,12 +76,14 @@ class AdapterConfig:
     dtype: str = "float32"
     input_axes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     forward: str = "factored"
+    fallback: str = "merge"
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
         _choice("norm_grad", self.norm_grad, NORM_GRADS)
         _choice("init", self.init, INITS)
         _choice("forward", self.forward, FORWARDS)
+        _choice("fallback", self.fallback, FALLBACKS)
         if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank <= 0:
             raise ConfigError(f"AdapterConfig.rank: expected a positive integer; got {self.rank!r}")
         object.__setattr__(self, "rank", int(self.rank))

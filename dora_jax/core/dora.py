@@ -1,6 +1,6 @@
 """DoRA and LoRA math on single kernels: decomposition, column norms, merge, factored forward.
 
-Convention (DESIGN.md): a Flax kernel W0 is (d_in, d_out); ``||.||_c`` is the L2 norm of each
+Convention (docs/concepts.md): a Flax kernel W0 is (d_in, d_out); ``||.||_c`` is the L2 norm of each
 output column, over the input axes. For a kernel with more axes, the input axes are contracted
 and the rest are outputs; it is viewed as the (d_in, d_out) matrix of a ``KernelLayout``.
 
@@ -194,8 +194,8 @@ def _scaled(matrix: jax.Array, scale: Any) -> jax.Array:
 def _low_rank_gradient(g_low: jax.Array, activation: jax.Array, dtype: Any, precision: Any) -> jax.Array:
     """``activation^T g_low`` (d, r), computed as the (r, d) product ``g_low^T activation``, transposed.
 
-    XLA:CPU runs the (r, d) product at twice the speed of the (d, r) one (0.35 vs 0.8 ms for
-    N=2048, d=384, r=16); the barrier keeps its simplifier from folding the transpose back.
+    XLA:CPU runs the (r, d) product about twice as fast as the (d, r) one (docs/performance.md);
+    the barrier keeps its simplifier from folding the transpose back.
     """
     product = jnp.matmul(g_low.T, activation, precision=precision, preferred_element_type=dtype)
     return lax.optimization_barrier(product).T

@@ -46,15 +46,6 @@ UNSUPPORTED = (
 )
 
 
-def task_type(model: Any) -> str:
-    """PEFT's task_type for a zoo model."""
-    if isinstance(model, models.LlamaForCausalLM):
-        return "CAUSAL_LM"
-    if isinstance(model, models.BertForSequenceClassification):
-        return "SEQ_CLS"
-    return "FEATURE_EXTRACTION"
-
-
 def _kernel_modules(model: Any) -> dict[str, str]:
     """Flax kernel path -> HF module name, for every 2-D kernel of a zoo model."""
     table = models.hf_table(model)
@@ -117,7 +108,7 @@ def export_peft(
         tensors[HEAD_KEYS["bias"]] = np.asarray(head["bias"])
     config = {
         "peft_type": "LORA",
-        "task_type": task_type(model),
+        "task_type": models.family(model).peft_task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": cfg.rank,
         "lora_alpha": cfg.alpha,
@@ -128,7 +119,7 @@ def export_peft(
         "fan_in_fan_out": False,
         "bias": "none",
         "init_lora_weights": True if cfg.init == "kaiming_uniform" else "gaussian",
-        "modules_to_save": None if head is None else ["classifier"],
+        "modules_to_save": None if head is None else [models.family(model).head],
         "rank_pattern": {},
         "alpha_pattern": {},
         "inference_mode": True,

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 from dora_jax.errors import ConfigError
 from dora_jax.models import bert, llama
 from dora_jax.models.bert import BertConfig, BertForSequenceClassification, BertModel
+from dora_jax.models.families import FAMILIES, Family, family
 from dora_jax.models.hf_names import Table, hf_module, hf_tensor
 from dora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 SUPPORTED_MODEL_TYPES = llama.MODEL_TYPES + bert.MODEL_TYPES
-ZOO = (LlamaForCausalLM, BertModel, BertForSequenceClassification)
 
 
 def from_hf_config(
@@ -45,21 +45,17 @@ def from_hf_config(
 
 def hf_table(model: nn.Module) -> Table:
     """Flax module regex -> HF module name rules of a zoo model."""
-    if isinstance(model, LlamaForCausalLM):
-        return llama.HF_MODULES
-    if isinstance(model, BertModel | BertForSequenceClassification):
-        return bert.hf_modules(classifier=isinstance(model, BertForSequenceClassification))
-    raise ConfigError(f"{type(model).__name__} is not a model of the zoo {[cls.__name__ for cls in ZOO]}")
+    return family(model).hf_table
 
 
 def hf_config(model: nn.Module) -> dict[str, Any]:
     """The HF ``config.json`` dict of a zoo model, with its architecture named."""
     out = model.config.to_hf()
-    if isinstance(model, BertForSequenceClassification):
-        out["architectures"] = ["BertForSequenceClassification"]
+    record = family(model)
+    if record.architecture is not None:
+        out["architectures"] = [record.architecture(model.config)]
+    if record.output == "labels":
         out.setdefault("id2label", {str(i): f"LABEL_{i}" for i in range(model.config.num_labels)})
-    elif isinstance(model, BertModel):
-        out["architectures"] = ["RobertaModel" if model.config.model_type == "roberta" else "BertModel"]
     return out
 
 
@@ -89,13 +85,16 @@ def init_params(model: nn.Module, rng: jax.Array) -> Any:
 
 
 __all__ = [
+    "FAMILIES",
     "SUPPORTED_MODEL_TYPES",
+    "Family",
     "BertConfig",
     "BertForSequenceClassification",
     "BertModel",
     "LlamaConfig",
     "LlamaForCausalLM",
     "abstract_params",
+    "family",
     "from_hf_config",
     "hf_config",
     "hf_module",

@@ -159,9 +159,8 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> 
     The backward keeps the per-query score maximum and softmax denominator (not the query x key
     probabilities), rebuilds the probabilities p from them, and takes the softmax gradient as
     p * (dp - rowsum(g * out)): a (query, head_dim) reduction in place of a (query, key) one.
-    No seq^2 array outlives the layer, and a MiniLM attention block's forward and backward take
-    a third less time on XLA:CPU than autodiff of the same forward (0.8x the textbook version's:
-    ``scripts/attention_cost.py``).
+    No seq^2 array outlives the layer; its cost against textbook autodiff is measured by
+    ``scripts/attention_cost.py`` (docs/performance.md).
     """
     return _attention_forward(q, k, v, allowed)[0]
 

@@ -1,0 +1,58 @@
+"""Sharded training and evaluation on 8 forced CPU devices: meshes give one device's results.
+
+The runs happen once, in a subprocess (tests/multidevice.py) that sets XLA's forced host device count.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def eight_devices():
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "multidevice.py")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS "))
+    return json.loads(line.removeprefix("RESULTS "))
+
+
+@pytest.mark.parametrize("method", ["dora", "full", "folded"])
+def test_data_fsdp_and_tensor_meshes_give_the_losses_of_one_device(eight_devices, method):
+    losses = {k.split("/")[1]: v for k, v in eight_devices["losses"].items() if k.startswith(method + "/")}
+    # The folded forward trains like the factored one: its sharded runs are compared with factored DoRA's.
+    one_device = eight_devices["losses"]["dora/one_device" if method == "folded" else f"{method}/one_device"]
+    assert len(losses) >= 2
+    for mesh, values in losses.items():
+        np.testing.assert_allclose(values, one_device, rtol=1e-5, atol=1e-5, err_msg=mesh)
+
+
+def test_sharded_evaluator_scores_like_one_device(eight_devices):
+    scores = eight_devices["eval_scores"]
+    assert len(scores["one_device"]) == 16
+    for mesh in ("data", "mixed"):
+        np.testing.assert_allclose(scores[mesh], scores["one_device"], rtol=1e-5, atol=1e-5, err_msg=mesh)
+
+
+def test_fsdp_shrinks_per_device_parameter_memory(eight_devices):
+    sizes = eight_devices["argument_bytes"]
+    assert sizes["fsdp"] < sizes["data"] / 4
+
+
+def test_mesh_and_batch_errors_on_eight_devices(eight_devices):
+    assert eight_devices["mesh_error"] == (
+        "mesh {'data': 3, 'fsdp': 1, 'tensor': 1} has 3 devices, which does not divide the 8 devices available"
+    )
+    assert (
+        eight_devices["batch_error"] == "train.batch_size=12 is not divisible by the batch axes data x fsdp = 8 x 1 = 8"
+    )
