@@ -12,9 +12,12 @@ from typing import Any
 import ml_collections
 
 from dora_jax.core import AdapterConfig
+from dora_jax.data import SOURCES
 from dora_jax.errors import ConfigError
+from dora_jax.models.llama import REMAT
 
 METHODS = ("dora", "lora", "full")
+SCHEDULES = ("constant", "cosine", "linear")  # after the warmup
 # Keys that may change between a run and its resumption: they do not change what is computed.
 RUNTIME_KEYS = (
     "train.stop_at",
@@ -134,7 +137,8 @@ def flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def check(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError for a key the schema lacks or a method outside its choices."""
+    """Raises ConfigError for a key the schema lacks or a value the run cannot use, before anything
+    is built: choices (method, schedule, remat, data source), the adapter's fields, accumulation."""
     valid = flat(defaults())
     for key in flat(config):
         if key not in valid:
@@ -145,6 +149,21 @@ def check(config: ml_collections.ConfigDict) -> None:
             )
     if config.adapter.method not in METHODS:
         raise ConfigError(f"adapter.method: expected one of {METHODS}; got {config.adapter.method!r}")
+    adapter_config(config)  # AdapterConfig validates its fields, naming the field and the choices
+    choices = (
+        ("train.schedule", config.train.schedule, list(SCHEDULES)),
+        ("model.remat", config.model.remat, sorted(REMAT)),
+    )
+    for key, value, valid in choices:
+        if value not in valid:
+            raise ConfigError(f"{key}: expected one of {valid}; got {value!r}")
+    if config.data.source not in SOURCES:
+        raise ConfigError(f"data.source {config.data.source!r} is unknown; sources: {list(SOURCES)}")
+    t = config.train
+    if isinstance(t.grad_accum, bool) or not isinstance(t.grad_accum, int) or t.grad_accum < 1:
+        raise ConfigError(f"train.grad_accum: expected a positive integer; got {t.grad_accum!r}")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
 
 
 def require_path(key: str, value: str) -> str:

@@ -215,7 +215,8 @@ def make_eval_step(forward, metrics: Any = lm_metrics):
 
 
 def make_optimizer(config: ml_collections.ConfigDict, trainable: Any) -> optax.GradientTransformation:
-    """AdamW with warmup and a cosine/linear/constant schedule, clipping and a weight-decay mask."""
+    """AdamW with warmup and a cosine/linear/constant schedule, clipping and a weight-decay mask
+    (``config`` as ``run_config.check`` accepts it)."""
     t = config.train
     decay_steps = max(t.steps - t.warmup_steps, 1)
     end = t.learning_rate * t.end_learning_rate_ratio
@@ -224,8 +225,6 @@ def make_optimizer(config: ml_collections.ConfigDict, trainable: Any) -> optax.G
         "linear": optax.linear_schedule(t.learning_rate, end, decay_steps),
         "constant": optax.constant_schedule(t.learning_rate),
     }
-    if t.schedule not in after:
-        raise ConfigError(f"train.schedule: expected one of {sorted(after)}; got {t.schedule!r}")
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps), after[t.schedule]], [t.warmup_steps]
     )
@@ -346,10 +345,6 @@ def build(config: ml_collections.ConfigDict) -> Run:
     rules = parallel.rules_from(config.mesh.rules)
     parallel.check_batch(config.train.batch_size, mesh)
     parallel.check_batch(config.data.eval_batch_size, mesh, "data.eval_batch_size")
-    if config.train.batch_size % config.train.grad_accum:
-        raise ConfigError(
-            f"train.batch_size={config.train.batch_size} is not divisible by train.grad_accum={config.train.grad_accum}"
-        )
     source = data_lib.make_source(config)
     if config.train.epochs > 0:
         if not hasattr(source, "epoch_steps"):

@@ -1,0 +1,41 @@
+"""run_config.check: every value a run cannot use is a named error before anything is built."""
+
+import pytest
+
+from dora_jax import run_config
+from dora_jax.errors import ConfigError
+
+ERRORS = [
+    ({"train.schedule": "step"}, r"train.schedule: expected one of \['constant', 'cosine', 'linear'\]; got 'step'"),
+    ({"model.remat": "some"}, r"model.remat: expected one of \['dots', 'full', 'none'\]; got 'some'"),
+    ({"data.source": "csv"}, r"data.source 'csv' is unknown; sources: \['synthetic', 'instruction', 'tfds'"),
+    ({"train.grad_accum": 3}, r"train.batch_size=32 is not divisible by train.grad_accum=3"),
+    ({"train.grad_accum": 0}, r"train.grad_accum: expected a positive integer; got 0"),
+    ({"adapter.method": "ia3"}, r"adapter.method: expected one of \('dora', 'lora', 'full'\); got 'ia3'"),
+    ({"adapter.norm_grad": "none"}, r"AdapterConfig.norm_grad: expected one of 'exact', 'detach'; got 'none'"),
+    ({"adapter.fallback": "skip"}, r"AdapterConfig.fallback: expected one of 'merge', 'error'; got 'skip'"),
+    ({"adapter.rank": 0}, r"AdapterConfig.rank: expected a positive integer; got 0"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), ERRORS, ids=[next(iter(o)) for o, _ in ERRORS])
+def test_check_names_the_key_and_the_valid_choices(overrides, message):
+    config = run_config.defaults()
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    with pytest.raises(ConfigError, match=message):
+        run_config.check(config)
+
+
+def test_full_fine_tuning_skips_the_adapter_fields():
+    config = run_config.defaults()
+    config.adapter.update(method="full", rank=0)  # no adapter: its fields are not used
+    run_config.check(config)
+
+
+def test_the_adapter_section_is_adapter_configs_fields():
+    from dora_jax.core import AdapterConfig
+
+    section = run_config.defaults().adapter.to_dict()
+    assert AdapterConfig.from_dict(section).to_dict() == section
