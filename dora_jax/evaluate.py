@@ -34,7 +34,6 @@ from dora_jax import generate, io, models, parallel, run_config, train
 from dora_jax.data import commonsense, sampling, tfds_source
 from dora_jax.data.instruction import NO_LOSS_ROW, encode_all, pack_rows
 from dora_jax.errors import ConfigError, DoraError
-from dora_jax.inject import inject
 
 RESPONSE = "the correct answer is {}"
 METHODS = ("loglik", "greedy", "beam", "perplexity")
@@ -380,16 +379,9 @@ def _classifier_run(workdir: pathlib.Path) -> bool:
 
 
 def lm_forward(model: Any, adapter_cfg: Any) -> Any:
-    """forward((frozen, trainable), ids, **kw): a run's model for ``generate`` (mask, positions, cache)."""
-    adapted = None if adapter_cfg is None else inject(model.apply, adapter_cfg)
-
-    def forward(params, ids, **kwargs):
-        frozen, trainable = params
-        if adapted is None:
-            return model.apply({"params": trainable}, ids, **kwargs)
-        return adapted(frozen, trainable, ids, **kwargs)
-
-    return forward
+    """forward((frozen, trainable), ids, **kw): a run's model (``train.make_apply``) for ``generate``."""
+    apply = train.make_apply(model, adapter_cfg)
+    return lambda params, ids, **kwargs: apply(params[1], params[0], ids, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -177,6 +177,11 @@ def _unrouted(apply_fn, cfg, entries, params, args, kwargs, collections_) -> tup
     return probe, {p: probe.refused.get(p, NOT_READ) for p in sorted(set(entries) - probe.handled)}
 
 
+def describe(unrouted: Mapping[str, str]) -> str:
+    """``path: reason; ...``: the targets of ``merged_targets`` as one line for an error or a log."""
+    return "; ".join(f"{path}: {why}" for path, why in unrouted.items())
+
+
 def merged_targets(
     apply_fn: Callable[..., Any],
     cfg: AdapterConfig,
@@ -217,9 +222,9 @@ def inject(apply_fn: Callable[..., Any], cfg: AdapterConfig, *, fallback: str | 
         collections_ = dict(collections or {})
         probe, unrouted = _unrouted(apply_fn, cfg, entries, params, args, kwargs, collections_)
         if unrouted and fallback == "error":
-            reasons = "; ".join(f"{path}: {why}" for path, why in unrouted.items())
             raise InjectError(
-                f"targets the adapted forward cannot run ({reasons}); use fallback='merge' to merge them instead"
+                f"targets the adapted forward cannot run ({describe(unrouted)}); "
+                "use fallback='merge' to merge them instead"
             )
         if unrouted:
             params = merge(params, targets.nest({p: entries[p] for p in unrouted}), cfg)

@@ -31,7 +31,7 @@ from dora_jax import data as data_lib
 from dora_jax import io, models, parallel, run_config
 from dora_jax.core import init_adapters, merge
 from dora_jax.errors import ConfigError, DoraError, InjectError
-from dora_jax.inject import inject, merged_targets
+from dora_jax.inject import describe, inject, merged_targets
 from dora_jax.io.checkpoints import Checkpoints
 from dora_jax.metrics_writer import MetricsWriter
 
@@ -154,17 +154,30 @@ def with_head(model: Any, params: Any, head: Any) -> Any:
     return params if head is None else {**params, models.family(model).head: head}
 
 
-def make_forward(model: Any, adapter_cfg: Any):
-    """forward(trainable, frozen, batch, rng) -> logits, for full fine-tuning or adapters (and a trained head)."""
-    names = models.family(model).inputs
+def make_apply(model: Any, adapter_cfg: Any):
+    """apply(trainable, frozen, ids, **kw) -> the model's output, for full fine-tuning (trainable is
+    the params) or adapters (and a trained head) over the frozen params; ``kw`` go to ``apply``."""
     adapted = None if adapter_cfg is None else inject(model.apply, adapter_cfg)
+
+    def apply(trainable, frozen, ids, **kwargs):
+        if adapted is None:
+            return model.apply({"params": trainable}, ids, **kwargs)
+        adapters, head = split_trainable(trainable)
+        return adapted(with_head(model, frozen, head), adapters, ids, **kwargs)
+
+    return apply
+
+
+def make_forward(model: Any, adapter_cfg: Any):
+    """forward(trainable, frozen, batch, rng) -> logits: ``make_apply`` on a batch, dropout from ``rng``."""
+    names = models.family(model).inputs
+    apply = make_apply(model, adapter_cfg)
 
     def forward(trainable, frozen, batch, rng):
         kwargs = {k: batch[k] for k in names}
-        if adapted is None:
-            return model.apply({"params": trainable}, batch["inputs"], **kwargs)
-        adapters, head = split_trainable(trainable)
-        return adapted(with_head(model, frozen, head), adapters, batch["inputs"], dropout_rng=rng, **kwargs)
+        if adapter_cfg is not None:
+            kwargs["dropout_rng"] = rng
+        return apply(trainable, frozen, batch["inputs"], **kwargs)
 
     return forward
 
@@ -329,8 +342,7 @@ def report_merged_targets(model: Any, params: Any, adapters: Any, adapter_cfg: A
     the reason; with ``adapter.fallback=error`` that is an InjectError naming them."""
     merged = merged_targets(model.apply, adapter_cfg, params, adapters, *models.dummy_inputs(model))
     if merged and adapter_cfg.fallback == "error":
-        reasons = "; ".join(f"{path}: {why}" for path, why in merged.items())
-        raise InjectError(f"adapter.fallback=error and targets the adapted forward cannot run: {reasons}")
+        raise InjectError(f"adapter.fallback=error and targets the adapted forward cannot run: {describe(merged)}")
     for path, why in merged.items():
         log.warning("target %s is merged into the kernel at every step (W' built): %s", path, why)
     return merged
