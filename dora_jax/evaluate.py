@@ -17,12 +17,10 @@ first answer word in the text) looks for, without generating. Per-task tables go
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import pathlib
 import sys
-import tempfile
 from typing import Any
 
 import jax
@@ -30,95 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from dora_jax import data as data_lib
-from dora_jax import generate, io, models, parallel, run_config, train
-from dora_jax.data import commonsense, sampling, tfds_source
-from dora_jax.data.instruction import NO_LOSS_ROW, encode_all, pack_rows
+from dora_jax import io, models, parallel, runs, scoring
+from dora_jax import metrics as metrics_lib
+from dora_jax.data import commonsense, tfds_source
 from dora_jax.errors import ConfigError, DoraError
 
-RESPONSE = "the correct answer is {}"
 METHODS = ("loglik", "greedy", "beam", "perplexity")
-
-
-def sequence_logprobs(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
-    """Summed log-probability of each row's loss-masked target tokens: (rows,)."""
-    return (train.token_logprobs(logits, batch["targets"]) * batch["loss_mask"]).sum(-1)
-
-
-def candidate_rows(
-    record: dict[str, str], task: str, tokenizer: Any, cutoff_len: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(ids, scored flags) of the prompt followed by each candidate response, keeping the last tokens."""
-    prompt = commonsense.prompt(record)
-    prompt_len = len(tokenizer.encode(prompt).ids)
-    rows = []
-    for choice in commonsense.choices(record, task):
-        ids = np.asarray(tokenizer.encode(prompt + RESPONSE.format(choice)).ids, np.int32)
-        scored = np.arange(len(ids)) >= prompt_len
-        rows.append((ids[-cutoff_len:], scored[-cutoff_len:]))
-    return rows
-
-
-def score_records(
-    records: list[dict[str, str]], task: str, tokenizer: Any, score_fn: Any, cutoff_len: int, batch_size: int
-) -> list[str]:
-    """The predicted answer of each record: the candidate with the highest log-likelihood."""
-    rows, owners = [], []
-    for index, record in enumerate(records):
-        for row in candidate_rows(record, task, tokenizer, cutoff_len):
-            rows.append(row)
-            owners.append(index)
-    scores = []
-    for chunk in sampling.chunks(rows, batch_size, NO_LOSS_ROW):
-        scores.extend(np.asarray(score_fn(pack_rows(chunk, cutoff_len - 1))).tolist())
-    scores = scores[: len(rows)]  # without the filler rows of the last batch
-    predictions = []
-    for index, record in enumerate(records):
-        options = commonsense.choices(record, task)
-        mine = [s for s, owner in zip(scores, owners, strict=True) if owner == index]
-        predictions.append(options[int(np.argmax(mine))])
-    return predictions
-
-
-def generate_answers(
-    records: list[dict[str, str]],
-    task: str,
-    tokenizer: Any,
-    forward: Any,
-    params: Any,
-    config: Any,
-    batch_size: int,
-    max_new_tokens: int = 32,
-    num_beams: int = 1,
-    eos_id: int | None = None,
-) -> tuple[list[str], list[str]]:
-    """(answers, generated texts): decoding after the evaluation prompt, then ``extract_answer``.
-
-    ``forward(params, ids, **kw)`` as ``generate`` takes it (``lm_forward``); every batch reuses
-    one compiled decoding loop.
-
-    ``num_beams=1`` decodes greedily; more runs beam search (the official setting is 4 beams,
-    32 new tokens).
-
-    Prompts are left-padded to a multiple of 64 tokens so that few shapes are compiled.
-    """
-    texts = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        encoded = [tokenizer.encode(commonsense.prompt(r)).ids for r in chunk]
-        width = -(-max(len(e) for e in encoded) // 64) * 64
-        ids = np.zeros((batch_size, width), np.int32)
-        mask = np.zeros((batch_size, width), np.int32)
-        for row, tokens in enumerate(encoded):
-            ids[row, width - len(tokens) :], mask[row, width - len(tokens) :] = tokens, 1
-        mask[len(chunk) :, -1] = 1  # filler rows attend to one token
-        if num_beams == 1:
-            new = generate.greedy(forward, params, config, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens)
-        else:
-            new, _ = generate.beam_search(
-                forward, params, config, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens, num_beams, eos_id
-            )
-        texts += [tokenizer.decode(np.asarray(row).tolist(), skip_special_tokens=True) for row in new[: len(chunk)]]
-    return [commonsense.extract_answer(task, commonsense.response(t)) for t in texts], texts
 
 
 def task_records(
@@ -147,81 +62,13 @@ def task_records(
     return {task: commonsense.load(data_dir / task / "test.json")[: limit or None] for task in tasks}
 
 
-def perplexity_sums(
-    records: list[dict[str, str]], tokenizer: Any, eval_fn: Any, config: Any, eos_id: int | None, batch_size: int
-) -> dict[str, float]:
-    """Summed NLL and token count of the records' training texts, on the tokens the run trains on."""
-    encoded = encode_all(records, tokenizer, config.data.cutoff_len, eos_id, config.data.train_on_inputs)
-    nll = tokens = 0.0
-    for chunk in sampling.chunks(encoded, batch_size, NO_LOSS_ROW):
-        sums = eval_fn(pack_rows(chunk, config.data.cutoff_len - 1))
-        nll, tokens = nll + float(sums["nll"]), tokens + float(sums["tokens"])
-    return {"nll": nll, "tokens": tokens}
-
-
-def sharded_metric(run: Any, trainable: Any, metric: Any) -> Any:
-    """batch -> metric(logits, batch) of the run's model, jitted, batches split over the mesh like training."""
-    forward = train.make_forward(run.model, run.adapter_cfg)
-    frozen_sharding = jax.tree.map(lambda x: x.sharding, run.frozen)  # passed, not closed over: no constants
-    jitted = jax.jit(
-        lambda trainable, frozen, batch: metric(forward(trainable, frozen, batch, None), batch),
-        in_shardings=(run.state_sharding["trainable"], frozen_sharding, run.batch_sharding),
-    )
-    return functools.partial(jitted, trainable, run.frozen)
-
-
-def _require_base(base_dir: Any) -> pathlib.Path:
-    """--base as a path; scoring an adapter needs the model it was trained on."""
+def load(workdir: Any, adapter_dir: Any = None, base_dir: Any = None, cutoff_len: int = 256) -> runs.LoadedRun:
+    """The run scored: the latest checkpoint in ``workdir``, or a PEFT adapter over ``base_dir``."""
+    if not adapter_dir:
+        return runs.load(workdir)
     if not base_dir:
         raise ConfigError("--adapter needs --base: the HF directory of the model the adapter was trained on")
-    return pathlib.Path(base_dir)
-
-
-def _adapter_run(base_dir: Any, adapter_dir: Any, hf_config: dict[str, Any], head: Any, **data: Any) -> Any:
-    """(run, trainable) for a PEFT adapter over the HF base whose config (as a classifier when
-    ``head`` is given) is ``hf_config``; the run is built as ``dora_jax.train`` builds one."""
-    model = models.from_hf_config(hf_config)
-    adapters, cfg = io.import_peft(adapter_dir, models.abstract_params(model), model=model)
-    config = run_config.defaults()
-    config.model.update(hf_dir=str(base_dir), num_labels=0 if head is None else int(head["bias"].shape[0]))
-    config.adapter.update(cfg.to_dict())
-    config.data.update(data)
-    run = train.build(config)
-    trainable = adapters if head is None else {"adapters": adapters, "head": head}
-    return run, jax.device_put(trainable, run.state_sharding["trainable"])
-
-
-def adapter_run(base_dir: str | pathlib.Path, adapter_dir: str | pathlib.Path, cutoff_len: int = 256) -> Any:
-    """(run, adapters) for a PEFT adapter directory over a local HF base model, ready to score.
-
-    The adapter (ours or PEFT's) is imported with ``io.import_peft``; the run is built as
-    ``dora_jax.train`` builds one (mesh, shardings) from a config with that adapter's settings.
-    """
-    hf_config = io.read_config(_require_base(base_dir))
-    return _adapter_run(base_dir, adapter_dir, hf_config, None, cutoff_len=cutoff_len)
-
-
-def classifier_adapter_run(
-    base_dir: str | pathlib.Path, adapter_dir: str | pathlib.Path, records: list[dict[str, Any]], cutoff_len: int
-) -> Any:
-    """(run, trainable) for a PEFT SEQ_CLS adapter directory over a local HF encoder, ready to score.
-
-    The run is built as ``dora_jax.train`` builds a classifier run, with ``records`` as its
-    (unused) data so that it carries the tokenizer and the label count.
-    """
-    base_dir = _require_base(base_dir)
-    head = io.read_peft_head(adapter_dir)
-    if head is None:
-        raise ConfigError(
-            f"{adapter_dir}: no classifier head (modules_to_save) in this adapter; score a causal-LM "
-            "adapter with --data_dir or --tfds instead of --data_path"
-        )
-    hf_config = io.classifier_config(io.read_config(base_dir), int(head["bias"].shape[0]))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = pathlib.Path(tmp) / "records.jsonl"
-        path.write_text("\n".join(json.dumps(r) for r in records))
-        data = dict(source="classification", path=str(path), cutoff_len=cutoff_len, val_size=0)
-        return _adapter_run(base_dir, adapter_dir, hf_config, head, **data)
+    return runs.load_adapter(adapter_dir, base_dir, cutoff_len)
 
 
 def evaluate_run(
@@ -252,36 +99,34 @@ def evaluate_run(
     if method not in METHODS:
         raise ConfigError(f"--method: expected one of {METHODS}; got {method!r}")
     records_by_task = task_records(data_dir, tasks, tfds_names, tfds_split, tfds_data_dir, limit)
-    if adapter_dir:
-        (run, trainable), step = adapter_run(base_dir, adapter_dir, cutoff_len), 0
-    else:
-        run, trainable, step = train.restore_latest(workdir)
+    run = load(workdir, adapter_dir, base_dir, cutoff_len)
     config = run.config
     parallel.check_batch(batch_size, run.mesh, "--batch_size")
-    tokenizer_dir = config.data.tokenizer_dir or run_config.require_path("model.hf_dir", config.model.hf_dir)
+    tokenizer_dir = data_lib.tokenizer_dir(config)
     tokenizer = io.load_tokenizer(tokenizer_dir)
-    eos = data_lib.eos_id(pathlib.Path(tokenizer_dir))
-    score, nll_sums = (sharded_metric(run, trainable, m) for m in (sequence_logprobs, train.lm_metrics))
+    eos = data_lib.eos_id(tokenizer_dir)
+    score, nll_sums = (run.scorer(m) for m in (metrics_lib.sequence_logprobs, metrics_lib.lm_metrics))
     if method in ("greedy", "beam") and not models.family(run.model).generates:
         raise ConfigError(
             f"--method={method} needs a model that generates (Llama family); this run's is {type(run.model).__name__}"
         )
 
-    forward = lm_forward(run.model, run.adapter_cfg)
+    forward = runs.lm_forward(run.model, run.adapter_cfg)
     results = {}
     for task, records in records_by_task.items():
         if method == "perplexity":
-            sums = perplexity_sums(records, tokenizer, nll_sums, config, eos, batch_size)
+            sums = scoring.perplexity_sums(records, tokenizer, nll_sums, config, eos, batch_size)
             results[task] = {**sums, "perplexity": math.exp(sums["nll"] / max(sums["tokens"], 1.0))}
             results[task]["records"] = len(records)
             continue
         if method != "loglik":
             beams = 4 if method == "beam" else 1
-            predictions, _ = generate_answers(
-                records, task, tokenizer, forward, (run.frozen, trainable), run.model.config, batch_size, 32, beams, eos
+            params = (run.frozen, run.trainable)
+            predictions, _ = scoring.generate_answers(
+                records, task, tokenizer, forward, params, run.model.config, batch_size, 32, beams, eos
             )
         else:
-            predictions = score_records(records, task, tokenizer, score, config.data.cutoff_len, batch_size)
+            predictions = scoring.score_records(records, task, tokenizer, score, config.data.cutoff_len, batch_size)
         correct = sum(p == r["answer"] for p, r in zip(predictions, records, strict=True))
         results[task] = {"accuracy": correct / len(records), "correct": correct, "records": len(records)}
     tasks = list(records_by_task)
@@ -290,7 +135,7 @@ def evaluate_run(
         results["all"] = {"perplexity": math.exp(nll / max(tokens, 1.0)), "nll": nll, "tokens": tokens}
     else:
         results["average"] = {"accuracy": float(np.mean([results[t]["accuracy"] for t in tasks]))}
-    _write_tables(workdir / "eval", step, method, tasks, results)
+    _write_tables(workdir / "eval", run.step, method, tasks, results)
     return results
 
 
@@ -323,26 +168,30 @@ def evaluate_classifier(
         else classification.load_file(path)[: limit or None]
     )
     origin = f"TFDS {tfds_name} split {tfds_split}" if tfds_name else path
-    if adapter_dir:
-        (run, trainable), step = classifier_adapter_run(base_dir, adapter_dir, records, cutoff_len), 0
-    else:
-        run, trainable, step = train.restore_latest(workdir)
-    if not train.is_classifier(run.model):
+    if adapter_dir and io.read_peft_head(adapter_dir) is None:
+        raise ConfigError(
+            f"{adapter_dir}: no classifier head (modules_to_save) in this adapter; score a causal-LM "
+            "adapter with --data_dir or --tfds instead of --data_path"
+        )
+    run = load(workdir, adapter_dir, base_dir, cutoff_len)
+    if models.family(run.model).head is None:
         raise ConfigError(f"{workdir} trains {type(run.model).__name__}, not a sequence classifier")
     parallel.check_batch(batch_size, run.mesh, "--batch_size")
-    source = run.source
-    classification.check_labels(records, source.num_labels, origin)
-    rows = classification.labelled_rows(records, source.tokenizer, source.max_len)
-    metric = sharded_metric(run, trainable, train.classification_metrics)
+    tokenizer = io.load_tokenizer(data_lib.tokenizer_dir(run.config))
+    max_len, pad_id = run.config.data.cutoff_len, classification.pad_id(tokenizer)
+    classification.check_labels(records, run.model.config.num_labels, origin)
+    rows = classification.labelled_rows(records, tokenizer, max_len)
+    metric = run.scorer(metrics_lib.classification_metrics)
     totals = None
-    for batch in classification.padded_batches(rows, batch_size, source.max_len, source.pad_id):
+    for batch in classification.padded_batches(rows, batch_size, max_len, pad_id):
         sums = metric(batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    summary = {**train.classification_summary(totals), "records": len(records)}
+    summary = {**metrics_lib.classification_summary(totals), "records": len(records)}
     out = workdir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "classification.json").write_text(json.dumps({"step": step, "data": origin, "results": summary}, indent=2))
-    lines = [f"Classification of {origin}, step {step}", "", "| metric | value |", "|---|---|"]
+    stored = {"step": run.step, "data": origin, "results": summary}
+    (out / "classification.json").write_text(json.dumps(stored, indent=2))
+    lines = [f"Classification of {origin}, step {run.step}", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
     (out / "classification.md").write_text("\n".join(lines) + "\n")
     return summary
@@ -376,12 +225,6 @@ def _classifier_run(workdir: pathlib.Path) -> bool:
     """Whether the run in ``workdir`` trains a sequence classifier (its config sets model.num_labels)."""
     path = workdir / "config.json"
     return path.exists() and json.loads(path.read_text()).get("model.num_labels", 0) > 0
-
-
-def lm_forward(model: Any, adapter_cfg: Any) -> Any:
-    """forward((frozen, trainable), ids, **kw): a run's model (``train.make_apply``) for ``generate``."""
-    apply = train.make_apply(model, adapter_cfg)
-    return lambda params, ids, **kwargs: apply(params[1], params[0], ids, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import pathlib
 import sys
-from typing import Any
 
-import jax
-
-from dora_jax import train
+from dora_jax import runs
 from dora_jax.errors import ConfigError, DoraError
-
-FORMATS = ("peft", "merged")
+from dora_jax.runs import FORMATS
 
 
 def export_run(workdir: str | pathlib.Path, fmt: str, out: str | pathlib.Path) -> pathlib.Path:
@@ -24,11 +20,10 @@ def export_run(workdir: str | pathlib.Path, fmt: str, out: str | pathlib.Path) -
     workdir = pathlib.Path(workdir)
     if fmt not in FORMATS:
         raise ConfigError(f"--format: expected one of {FORMATS}; got {fmt!r}")
-    run, trainable, _ = train.restore_latest(workdir)
-    trainable: Any = jax.device_get(trainable)
+    run = runs.load(workdir)
     if run.adapter_cfg is None and fmt == "peft":
         raise ConfigError(f"{workdir} is a full fine-tuning run: it has no adapter; use --format=merged")
-    return train.write_export(fmt, pathlib.Path(out), run.config, run.model, run.params, run.adapter_cfg, trainable)
+    return run.export(fmt, out)
 
 
 def main(argv: list[str] | None = None) -> None:

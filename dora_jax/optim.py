@@ -1,9 +1,9 @@
-"""The Optax side: which leaves train, and optimizers that keep state only for those.
+"""The Optax side: which leaves train, the optimizer of a run, and the one train step.
 
-Two ways to train only the adapters:
-- keep them apart: differentiate the loss with respect to the adapters (or the trainable half
-  of ``partition``) only, so the frozen base gets no weight-gradient matmul and the optimizer
-  never sees it (what ``dora_jax.train`` does);
+Two ways to train only some leaves:
+- keep them apart: ``partition`` a tree by ``trainable_mask`` and differentiate with respect to
+  the trainable half only (``make_train_step``), so the frozen base gets no weight-gradient matmul
+  and the optimizer never sees it (what ``dora_jax.train`` does);
 - hand a combined tree to ``masked(tx, mask)``: frozen leaves get a zero update and no state.
 """
 
@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from dora_jax import targets
@@ -55,18 +56,84 @@ def masked(tx: optax.GradientTransformation, mask: Any) -> optax.GradientTransfo
     return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
 
 
-def make_train_step(
-    loss_fn: Callable[[Any, Any, Any, jax.Array], jax.Array], tx: optax.GradientTransformation
-) -> Callable[..., tuple[Any, Any, jax.Array]]:
-    """A pure step ``(trainable, frozen, opt_state, batch, rng) -> (trainable, opt_state, loss)``.
+def make_optimizer(train: Any, trainable: Any) -> optax.GradientTransformation:
+    """AdamW with warmup and a cosine/linear/constant schedule, clipping and a weight-decay mask, from
+    a run's ``config.train`` (as ``run_config.check`` accepts it): kernels decay, biases and norms do not,
+    magnitudes as ``train.decay_magnitude`` says."""
+    decay_steps = max(train.steps - train.warmup_steps, 1)
+    end = train.learning_rate * train.end_learning_rate_ratio
+    after = {
+        "cosine": optax.cosine_decay_schedule(train.learning_rate, decay_steps, alpha=train.end_learning_rate_ratio),
+        "linear": optax.linear_schedule(train.learning_rate, end, decay_steps),
+        "constant": optax.constant_schedule(train.learning_rate),
+    }
+    warmup = optax.linear_schedule(0.0, train.learning_rate, train.warmup_steps)
+    schedule = optax.join_schedules([warmup, after[train.schedule]], [train.warmup_steps])
+    decay_mask = jax.tree_util.tree_map_with_path(
+        lambda kp, leaf: leaf.ndim >= 2 or (train.decay_magnitude and kp[-1].key == "m"), trainable
+    )
+    chain = [optax.clip_by_global_norm(train.clip_norm)] if train.clip_norm > 0 else []
+    return optax.chain(*chain, optax.adamw(schedule, weight_decay=train.weight_decay, mask=decay_mask))
 
-    ``loss_fn(trainable, frozen, batch, rng)`` returns a scalar. Only ``trainable`` is
-    differentiated, so no gradient is ever formed for the frozen weights; jit the result once.
+
+def init_state(tx: optax.GradientTransformation, trainable: Any) -> dict[str, Any]:
+    """The state a train step carries: step count, trainable leaves and their optimizer state."""
+    return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
+
+
+def make_train_step(
+    forward: Callable[[Any, Any, Any, jax.Array | None], jax.Array],
+    tx: optax.GradientTransformation,
+    metrics: Callable[[jax.Array, Any], dict[str, jax.Array]],
+    *,
+    grad_accum: int = 1,
+) -> Callable[..., tuple[dict[str, Any], dict[str, jax.Array]]]:
+    """The train step: ``train_step(state, frozen, batch, rng) -> (state, metrics)``, pure; jit it once.
+
+    ``forward(trainable, frozen, batch, rng)`` gives the model's output and ``metrics(output, batch)``
+    its sums (``dora_jax.metrics``); the loss is ``sums["loss_sum"] / batch["loss_mask"].sum()``.
+    Only ``state["trainable"]`` is differentiated, so the frozen weights get no gradient and no
+    optimizer state. ``grad_accum`` > 1 splits the batch into that many micro-batches (a scan) whose
+    gradients add up to the whole batch's exactly. Clipping and decay are ``tx``'s
+    (``make_optimizer``); the metrics returned are the sums, ``loss`` and ``grad_norm``.
     """
 
-    def step(trainable: Any, frozen: Any, opt_state: Any, batch: Any, rng: jax.Array):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch, rng)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
+    def loss_fn(trainable, frozen, batch, rng, count):
+        sums = metrics(forward(trainable, frozen, batch, rng), batch)
+        return sums["loss_sum"] / count, sums
 
-    return step
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, frozen, batch, rng):
+        # Every micro-batch divides by the whole batch's count, so the summed gradients are exactly
+        # the full batch's, whatever the count per micro-batch.
+        count = jnp.maximum(batch["loss_mask"].sum(), 1.0)
+        if grad_accum == 1:
+            (loss, sums), grads = grad_fn(state["trainable"], frozen, batch, rng, count)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+
+            def accumulate(carry, xs):
+                index, micro_batch = xs
+                out = grad_fn(state["trainable"], frozen, micro_batch, jax.random.fold_in(rng, index), count)
+                return jax.tree.map(jnp.add, carry, out), None
+
+            first = jax.tree.map(lambda x: x[0], micro)
+            shapes = jax.eval_shape(grad_fn, state["trainable"], frozen, first, rng, count)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            ((loss, sums), grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
+        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        out = {"loss": loss, "grad_norm": optax.tree.norm(grads), **sums}
+        return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, out
+
+    return train_step
+
+
+def make_eval_step(forward: Callable[..., jax.Array], metrics: Callable[[jax.Array, Any], dict[str, jax.Array]]):
+    """eval_step(trainable, frozen, batch) -> metrics(output, batch), without dropout."""
+
+    def eval_step(trainable, frozen, batch):
+        return metrics(forward(trainable, frozen, batch, None), batch)
+
+    return eval_step

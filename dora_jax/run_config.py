@@ -16,7 +16,7 @@ from dora_jax.data import SOURCES
 from dora_jax.errors import ConfigError
 from dora_jax.models.llama import REMAT
 
-METHODS = ("dora", "lora", "full")
+FINETUNES = ("adapter", "full")  # train.finetune: the adapters (adapter.*) or every weight
 SCHEDULES = ("constant", "cosine", "linear")  # after the warmup
 # Keys that may change between a run and its resumption: they do not change what is computed.
 RUNTIME_KEYS = (
@@ -31,7 +31,7 @@ PAPER_TARGETS = r".*/(q_proj|k_proj|v_proj|up_proj|down_proj)/kernel"  # the pap
 
 def adapter_defaults() -> ml_collections.ConfigDict:
     """The ``adapter.*`` keys: every AdapterConfig field with its default (the dataclass is the one
-    place a field is defined), the paper's targets, and ``method`` also taking "full"."""
+    place a field is defined) with the paper's targets."""
     values = {}
     for field in dataclasses.fields(AdapterConfig):
         values[field.name] = PAPER_TARGETS if field.name == "targets" else field.default
@@ -68,7 +68,7 @@ def defaults() -> ml_collections.ConfigDict:
         max_position_embeddings=64,
     )
 
-    c.adapter = adapter_defaults()  # AdapterConfig's fields (docs/concepts.md); method "full": full fine-tuning
+    c.adapter = adapter_defaults()  # AdapterConfig's fields (docs/concepts.md); unused with train.finetune="full"
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # synthetic (offline) | instruction (LLM-Adapters JSON/JSONL) | tfds | classification
@@ -87,6 +87,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.train_on_inputs = False  # instruction/tfds: loss on the prompt too, not only the response
 
     c.train = ml_collections.ConfigDict()
+    c.train.finetune = "adapter"  # adapter: train the adapter.* (and a classifier's head); full: every weight
     c.train.steps = 200  # optimizer steps (ignored when train.epochs > 0)
     c.train.epochs = 0  # > 0: steps = epochs x the steps of one pass over the training data
     c.train.batch_size = 32  # global batch (sequences) per optimizer step
@@ -138,7 +139,7 @@ def flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def check(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for a key the schema lacks or a value the run cannot use, before anything
-    is built: choices (method, schedule, remat, data source), the adapter's fields, accumulation."""
+    is built: what trains, the adapter's fields, choices (schedule, remat, data source), accumulation."""
     valid = flat(defaults())
     for key in flat(config):
         if key not in valid:
@@ -147,8 +148,8 @@ def check(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(
                 f"config key {key!r} is unknown; valid keys in {section or 'the top level'!r}: {siblings}"
             )
-    if config.adapter.method not in METHODS:
-        raise ConfigError(f"adapter.method: expected one of {METHODS}; got {config.adapter.method!r}")
+    if config.adapter.method == "full" and config.train.finetune != "full":
+        raise ConfigError("adapter.method='full': full fine-tuning is train.finetune='full' (adapter.* then unused)")
     adapter_config(config)  # AdapterConfig validates its fields, naming the field and the choices
     choices = (
         ("train.schedule", config.train.schedule, list(SCHEDULES)),
@@ -174,10 +175,29 @@ def require_path(key: str, value: str) -> str:
 
 
 def adapter_config(config: ml_collections.ConfigDict) -> AdapterConfig | None:
-    """The AdapterConfig of a run, or None for full fine-tuning."""
-    if config.adapter.method == "full":
+    """The AdapterConfig of a run, or None for full fine-tuning (``train.finetune="full"``)."""
+    if config.train.finetune == "full":
         return None
+    if config.train.finetune not in FINETUNES:
+        raise ConfigError(f"train.finetune: expected one of {list(FINETUNES)}; got {config.train.finetune!r}")
     return AdapterConfig.from_dict(config.adapter)
+
+
+def method_name(config: ml_collections.ConfigDict) -> str:
+    """What a run trains, in a word: "full" or the adapter method."""
+    return "full" if config.train.finetune == "full" else config.adapter.method
+
+
+def upgrade(values: dict[str, Any]) -> dict[str, Any]:
+    """A flat config stored by an earlier version in today's keys: ``adapter.method="full"`` was
+    full fine-tuning before ``train.finetune`` existed."""
+    values = dict(values)
+    if "train.finetune" not in values:
+        full = values.get("adapter.method") == "full"
+        values["train.finetune"] = "full" if full else "adapter"
+        if full:
+            values["adapter.method"] = AdapterConfig.method
+    return values
 
 
 def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -190,7 +210,7 @@ def from_flat(values: dict[str, Any]) -> ml_collections.ConfigDict:
     """The config whose ``flat`` form is ``values`` (e.g. a workdir's config.json)."""
     config = defaults()
     valid = flat(config)
-    for key, value in values.items():
+    for key, value in upgrade(values).items():
         if key not in valid:
             raise ConfigError(f"config key {key!r} is unknown to this version of dora_jax")
         *sections, name = key.split(".")

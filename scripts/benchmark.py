@@ -7,9 +7,10 @@
     python -m scripts.benchmark --models llama --llama-hidden 2048 --llama-layers 16 --llama-vocab 32000 \
         --dtype bfloat16 --batch 16 --seq 1024 --paths factored,folded --peak-tflops 989  # ~1B Llama, H200, MFU
 
-For each model shape it compiles one AdamW train step per variant (full fine-tuning; LoRA; DoRA
-with norm_grad exact and detach; each adapter method on the ``inject`` path with the factored and
-the folded forward (``AdapterConfig.forward``) and on the ``merge`` path), then times the variants
+For each model shape it compiles the training CLI's own train step (``optim.make_train_step`` with
+the CLI's forward and optimizer: AdamW, schedule, clipping) per variant (full fine-tuning; LoRA;
+DoRA with norm_grad exact and detach; each adapter method on the ``inject`` path with the factored
+and the folded forward (``AdapterConfig.forward``) and on the ``merge`` path), then times the variants
 round-robin (median of ``--steps`` timed steps after warm-up, ``block_until_ready``) so that
 machine noise hits all of them alike. It prints ms/step, tokens/s, the ratios to LoRA on the same
 path (DoRA folded against LoRA folded, ...) and to full fine-tuning, XLA's compiled FLOPs
@@ -68,7 +69,7 @@ import optax  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import dora_jax as dj  # noqa: E402
-from dora_jax import models  # noqa: E402
+from dora_jax import metrics, models, optim, run_config, runs  # noqa: E402
 from scripts.compare_paths import compiled_cost  # noqa: E402
 
 VARIANTS = (
@@ -111,43 +112,53 @@ TARGETS = {
 }
 
 
-def loss_fn(model, forward):
-    """Next-token cross-entropy for Llama; for MiniLM the squared error to a fixed random target."""
+def batch_of(model, ids, target=None) -> dict:
+    """The timed batch: next-token targets for Llama (the last position scores nothing); for MiniLM
+    the squared error of its hidden states to a fixed random target (``regression_target``)."""
+    if models.family(model).output == "hidden":  # after the last LayerNorm mean(out**2) is ~1 for any weights
+        return {"inputs": ids, "targets": target, "loss_mask": jnp.ones(ids.shape, jnp.float32)}
+    mask = jnp.ones(ids.shape, jnp.float32).at[:, -1].set(0.0)
+    return {"inputs": ids, "targets": jnp.roll(ids, -1, axis=1), "loss_mask": mask}
 
-    encoder = models.family(model).output == "hidden"  # hidden states out, not next-token logits
 
-    def loss(trainable, frozen, batch):
-        out = forward(trainable, frozen, batch["ids"]).astype(jnp.float32)
-        if encoder:  # a fixed random target: after the last LayerNorm mean(out**2) is ~1 for any weights
-            return jnp.mean((out - batch["target"]) ** 2)
-        log_probs = jax.nn.log_softmax(out[:, :-1])
-        return -jnp.mean(jnp.take_along_axis(log_probs, batch["ids"][:, 1:, None], axis=-1))
+def metrics_of(model):
+    return metrics.squared_error if models.family(model).output == "hidden" else metrics.lm_metrics
 
-    return loss
+
+def optimizer(trainable) -> optax.GradientTransformation:
+    """The CLI's optimizer (``optim.make_optimizer`` of the default run: AdamW, warmup, cosine,
+    clipping, decay mask) at a small learning rate."""
+    train = run_config.defaults().train
+    train.learning_rate = 1e-4
+    return optim.make_optimizer(train, trainable)
 
 
 def variant_step(model, params, name, method, norm_grad, path, rank):
-    """(jitted step, trainable, frozen, opt_state) of one variant."""
-    tx = optax.adamw(1e-4)
+    """(jitted step, state, frozen) of one variant: the CLI's forward (``runs.make_forward``), train
+    step and optimizer; the merge path builds W' = merge(...) in the forward instead."""
     if method is None:
-        forward = lambda trainable, frozen, ids: model.apply({"params": trainable}, ids)  # noqa: E731
-        trainable, frozen = jax.tree.map(jnp.copy, params), None  # donated by the step: not the shared params
+        cfg = None
+        mask = jax.tree.map(lambda _: True, params)
+        trained, frozen = dj.partition(jax.tree.map(jnp.copy, params), mask)  # donated by the step
+        trainable = {"adapters": None, "params": trained}
     else:
         arch = "minilm" if models.family(model).output == "hidden" else "llama"
         cfg = dj.AdapterConfig(method=method, rank=rank, alpha=2.0 * rank, targets=TARGETS[arch], norm_grad=norm_grad)
-        trainable, frozen = dj.init_adapters(jax.random.key(1), params, cfg), params
-        trainable = jax.tree.map(lambda a: a + 0.01, trainable)  # B != 0: a trained adapter
-        if path in ("factored", "folded"):
-            adapted = dj.inject(model.apply, dataclasses.replace(cfg, forward=path), fallback="error")
-            forward = lambda trainable, frozen, ids: adapted(frozen, trainable, ids)  # noqa: E731
-        else:
-            forward = lambda trainable, frozen, ids: model.apply(  # noqa: E731
-                {"params": dj.merge(frozen, trainable, cfg)}, ids
-            )
-    step = jax.jit(
-        dj.optim.make_train_step(lambda t, f, b, rng: loss_fn(model, forward)(t, f, b), tx), donate_argnums=(0, 2)
-    )
-    return step, trainable, frozen, tx.init(trainable)
+        cfg = dataclasses.replace(cfg, forward="factored" if path == "merge" else path, fallback="error")
+        adapters = dj.init_adapters(jax.random.key(1), params, cfg)
+        adapters = jax.tree.map(lambda a: a + 0.01, adapters)  # B != 0: a trained adapter
+        trained, frozen = dj.partition(params, dj.trainable_mask(params))
+        trainable = {"adapters": adapters, "params": trained}
+    forward = runs.make_forward(model, cfg)
+    if path == "merge" and cfg is not None:
+
+        def forward(trainable, frozen, batch, rng):
+            merged = dj.merge(dj.combine(trainable["params"], frozen), trainable["adapters"], cfg)
+            return model.apply({"params": merged}, batch["inputs"])
+
+    tx = optimizer(trainable)
+    step = jax.jit(optim.make_train_step(forward, tx, metrics_of(model)), donate_argnums=(0,))
+    return step, optim.init_state(tx, trainable), frozen
 
 
 def compiled_figures(step, args_) -> dict:
@@ -175,22 +186,18 @@ def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
     replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
     params = jax.device_put(params, replicated)
     ids = jax.random.randint(jax.random.key(2), (args.batch, args.seq), 3, hf_config["vocab_size"])
-    batch = {"ids": jax.device_put(ids, split)}
     target = None
     if models.family(model).output == "hidden":
         target = regression_target(args.batch, args.seq, hf_config["hidden_size"])
-        batch["target"] = jax.device_put(target, split)
+    batch = jax.device_put(batch_of(model, ids, target), split)
     runs = {}
     for variant, method, norm_grad in VARIANTS:
         for path in ["factored"] if method is None else args.paths.split(","):
             key = variant if method is None else f"{variant}/{path}"
-            step, trainable, frozen, opt_state = variant_step(
-                model, params, variant, method, norm_grad, path, args.rank
-            )
-            trainable, opt_state = jax.device_put((trainable, opt_state), replicated)
-            rng = jax.random.key(0)
-            figures = compiled_figures(step, (trainable, frozen, opt_state, batch, rng))
-            run = {"step": step, "state": [trainable, frozen, opt_state], "figures": figures, "times": []}
+            step, state, frozen = variant_step(model, params, variant, method, norm_grad, path, args.rank)
+            state = jax.device_put(state, replicated)
+            figures = compiled_figures(step, (state, frozen, batch, jax.random.key(0)))
+            run = {"step": step, "state": state, "frozen": frozen, "figures": figures, "times": []}
             run["advance"] = lambda run=run: _advance(run, batch)
             runs[key] = run
     if args.peft and name == "minilm":
@@ -278,11 +285,8 @@ def peft_runs(hf_config: dict, ids, target: np.ndarray, args) -> dict:
 
 
 def _advance(run, batch):
-    trainable, frozen, opt_state = run["state"]
-    trainable, opt_state, loss = run["step"](trainable, frozen, opt_state, batch, jax.random.key(0))
-    jax.block_until_ready(loss)
-    run["state"] = [trainable, frozen, opt_state]
-    return loss
+    run["state"], out = run["step"](run["state"], run["frozen"], batch, jax.random.key(0))
+    return jax.block_until_ready(out["loss"])
 
 
 def mfu(gflop: float | None, seconds: float, peak_tflops: float) -> float | None:

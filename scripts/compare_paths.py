@@ -3,9 +3,10 @@
     python -m scripts.compare_paths --d 1024 --tokens 2048 --rank 16
 
 Prints XLA's compiled FLOPs (`cost_analysis`) and temporary memory (`memory_analysis`) of the
-jitted AdamW step for each path (``inject`` with ``forward="factored"`` or ``"folded"``; merge),
-for each norm_grad, and their ratio. These are properties of
-the compiled program, not timings, so they do not depend on machine load.
+training CLI's jitted step (``optim.make_train_step`` with its optimizer: AdamW, schedule,
+clipping) for each path (``inject`` with ``forward="factored"`` or ``"folded"``; merge), for each
+norm_grad, and their ratio. These are properties of the compiled program, not timings, so they do
+not depend on machine load.
 """
 
 from __future__ import annotations
@@ -17,31 +18,35 @@ import json
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 import dora_jax as dj
+from dora_jax import metrics, optim, run_config
 from dora_jax.core import AdapterConfig
 
 PATHS = ("factored", "folded", "merge")
 
 
 def compiled_train_step(path: str, cfg: AdapterConfig, d: int, tokens: int, batch: int = 8):
-    """The compiled AdamW step of a (d, d) Dense layer on (batch, tokens // batch, d) inputs."""
+    """The compiled train step of the training CLI (``optim.make_train_step`` with its optimizer) on
+    a (d, d) Dense layer regressing (batch, tokens // batch, d) inputs onto themselves."""
     model = nn.Dense(d)
     x = jax.ShapeDtypeStruct((batch, tokens // batch, d), jnp.float32)
     params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
     adapters = jax.eval_shape(lambda p: dj.init_adapters(jax.random.key(1), p, cfg), params)
     if path in ("factored", "folded"):
-        forward = dj.inject(model.apply, dataclasses.replace(cfg, forward=path), fallback="error")
+        adapted = dj.inject(model.apply, dataclasses.replace(cfg, forward=path), fallback="error")
     else:
-        forward = lambda p, ad, inputs: model.apply({"params": dj.merge(p, ad, cfg)}, inputs)  # noqa: E731
+        adapted = lambda p, ad, inputs: model.apply({"params": dj.merge(p, ad, cfg)}, inputs)  # noqa: E731
 
-    def loss(ad, p, inputs, rng):
-        return jnp.mean((forward(p, ad, inputs) - inputs) ** 2)
+    def forward(ad, p, batch, rng):
+        return adapted(p, ad, batch["inputs"])
 
-    tx = optax.adamw(1e-4)
-    step = jax.jit(dj.optim.make_train_step(loss, tx))
-    return step.lower(adapters, params, jax.eval_shape(tx.init, adapters), x, jax.random.key(0)).compile()
+    tx = optim.make_optimizer(run_config.defaults().train, adapters)
+    step = jax.jit(optim.make_train_step(forward, tx, metrics.squared_error))
+    mask = jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32)
+    data = {"inputs": x, "targets": x, "loss_mask": mask}
+    state = jax.eval_shape(lambda ad: optim.init_state(tx, ad), adapters)
+    return step.lower(state, params, data, jax.random.key(0)).compile()
 
 
 def compiled_cost(compiled) -> dict[str, float]:

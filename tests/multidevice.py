@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dora_jax import evaluate, run_config, train  # noqa: E402
+from dora_jax import metrics, run_config, train  # noqa: E402
 from dora_jax.errors import ConfigError  # noqa: E402
 
 MESHES = {
@@ -29,7 +29,7 @@ def config(mesh, method="dora"):
     """``method``: dora, full, or folded (DoRA with ``adapter.forward="folded"``)."""
     c = run_config.defaults()
     c.model.hf_dir = "random"
-    c.adapter.method = "dora" if method == "folded" else method
+    c.train.finetune = "full" if method == "full" else "adapter"
     c.adapter.forward = "folded" if method == "folded" else "factored"
     c.train.batch_size = 16
     c.train.grad_accum = 2
@@ -42,16 +42,17 @@ def measure(mesh, method, steps=5, scores=False):
     """Losses of ``steps`` train steps, the compiled step's argument bytes per device and, with
     ``scores``, the sequence log-probabilities of one evaluation batch scored by the sharded evaluator;
     one run built (and its step compiled) for all three."""
-    run = train.build(config(mesh, method))
+    training = train.build(config(mesh, method))
     out = {"losses": []}
     if scores:  # before training: the steps donate the initial state
-        score = evaluate.sharded_metric(run, run.state["trainable"], evaluate.sequence_logprobs)
-        out["eval_scores"] = np.asarray(score(run.source.eval_batches()[0])).tolist()
-    state = run.state
+        score = training.run.scorer(metrics.sequence_logprobs)
+        out["eval_scores"] = np.asarray(score(training.source.eval_batches()[0])).tolist()
+    state = training.state
     for step in range(steps):
-        state, metrics = run.train_step(state, run.frozen, run.batch(step), run.step_rng(step))
-        out["losses"].append(float(metrics["loss"]))
-    compiled = run.train_step.lower(state, run.frozen, run.batch(0), run.step_rng(0)).compile()  # cached
+        state, sums = training.train_step(state, training.frozen, training.batch(step), training.step_rng(step))
+        out["losses"].append(float(sums["loss"]))
+    args = (state, training.frozen, training.batch(0), training.step_rng(0))
+    compiled = training.train_step.lower(*args).compile()  # cached
     out["argument_bytes"] = compiled.memory_analysis().argument_size_in_bytes
     return out
 

@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 from test_models_hf import minilm_dir
 
 from conftest import load_config
-from dora_jax import io, run_config, train
+from dora_jax import data, io, metrics, run_config, runs, train
 from dora_jax.data import classification
 from dora_jax.data.commonsense import DataError
 from dora_jax.errors import ConfigError
@@ -109,7 +109,7 @@ def test_tfds_classification_datasets_become_records(name):
 def test_metrics_give_accuracy_macro_f1_and_positive_f1():
     logits = jnp.asarray([[2.0, 0.0], [0.0, 2.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])
     batch = {"labels": jnp.asarray([0, 1, 0, 1, 0]), "loss_mask": jnp.asarray([1.0, 1.0, 1.0, 1.0, 0.0])}
-    summary = train.classification_summary(train.classification_metrics(logits, batch))
+    summary = metrics.classification_summary(metrics.classification_metrics(logits, batch))
     # rows 0-3: predicted 0,1,1,0 for labels 0,1,0,1 -> class 1: tp 1, fp 1, fn 1; class 0 the same
     assert summary["accuracy"] == 0.5 and summary["f1"] == 0.5 and summary["macro_f1"] == 0.5
     expected_nll = -np.mean(np.log(jax.nn.softmax(logits[:4], -1))[np.arange(4), [0, 1, 0, 1]])
@@ -142,9 +142,9 @@ def test_dora_with_a_trained_head_learns_a_separable_task(classifier_run):
 def run_and_torch_logits(root, load_hf_model):
     """(our logits, the torch model's logits) of the run's evaluation batch."""
     torch = pytest.importorskip("torch")
-    run, trainable, _ = train.restore_latest(root / "run")
-    batch = run.source.eval_batches()[0]
-    ours = train.make_forward(run.model, run.adapter_cfg)(trainable, run.frozen, batch, None)
+    run = runs.load(root / "run")
+    batch = data.make_source(run.config).eval_batches()[0]
+    ours = runs.make_forward(run.model, run.adapter_cfg)(run.trainable, run.frozen, batch, None)
     with torch.no_grad():
         theirs = (
             load_hf_model()
@@ -183,9 +183,9 @@ def test_peft_export_carries_the_head_as_modules_to_save(classifier_run):
 
 def test_exported_classifier_adapter_imports_back_with_its_head(classifier_run):
     root, _ = classifier_run
-    run, trainable, _ = train.restore_latest(root / "run")
-    adapters, head = train.split_trainable(trainable)
-    imported, cfg = io.import_peft(root / "run" / "adapter", run.frozen, model=run.model)
+    run = runs.load(root / "run")
+    adapters, head = run.trainable["adapters"], run.head
+    imported, cfg = io.import_peft(root / "run" / "adapter", run.params(), model=run.model)
     assert cfg.method == "dora" and cfg.rank == run.adapter_cfg.rank
     jax.tree.map(np.testing.assert_array_equal, imported, jax.device_get(adapters))
     jax.tree.map(np.testing.assert_array_equal, io.read_peft_head(root / "run" / "adapter"), jax.device_get(head))

@@ -9,9 +9,9 @@ import pytest
 from test_commonsense import tiny_instruction_model, word_tokenizer
 from test_tfds import piqa_dir  # noqa: F401 (fixture)
 
-from dora_jax import evaluate, run_config, train
+from dora_jax import evaluate, metrics, run_config, runs, scoring, train
 from dora_jax.data import commonsense as cs
-from dora_jax.data.instruction import encode_all
+from dora_jax.data.instruction import encode_all, pack_rows
 from dora_jax.errors import ConfigError
 
 BOOLQ = [
@@ -71,16 +71,16 @@ def test_evaluation_writes_per_task_accuracy_tables(trained_run):
 
 def test_batched_scores_equal_scoring_each_candidate_alone(trained_run):
     root, tokenizer = trained_run
-    run, trainable, _ = train.restore_latest(root / "run")
-    forward = train.make_forward(run.model, run.adapter_cfg)
-    score = jax.jit(lambda b: evaluate.sequence_logprobs(forward(trainable, run.frozen, b, None), b))
-    batched = evaluate.score_records(BOOLQ, "boolq", tokenizer, score, 64, batch_size=4)
-    alone = evaluate.score_records(BOOLQ, "boolq", tokenizer, score, 64, batch_size=1)
+    run = runs.load(root / "run")
+    forward, trainable = runs.make_forward(run.model, run.adapter_cfg), run.trainable
+    score = jax.jit(lambda b: metrics.sequence_logprobs(forward(trainable, run.frozen, b, None), b))
+    batched = scoring.score_records(BOOLQ, "boolq", tokenizer, score, 64, batch_size=4)
+    alone = scoring.score_records(BOOLQ, "boolq", tokenizer, score, 64, batch_size=1)
     assert batched == alone and set(batched) <= {"true", "false"}
-    ids, scored = evaluate.candidate_rows(BOOLQ[0], "boolq", tokenizer, 64)[0]
+    ids, scored = scoring.candidate_rows(BOOLQ[0], "boolq", tokenizer, 64)[0]
     logits = forward(trainable, run.frozen, {"inputs": jnp.asarray(ids[None, :-1])}, None)[0]
     direct = jax.nn.log_softmax(logits)[np.arange(len(ids) - 1), ids[1:]][scored[1:]].sum()
-    rows = evaluate.pack_rows([(ids, scored)], 63)
+    rows = pack_rows([(ids, scored)], 63)
     np.testing.assert_allclose(score(rows)[0], direct, rtol=1e-5)
     assert scored.sum() == len("the correct answer is true".split())
 
@@ -103,19 +103,19 @@ def test_greedy_generation_scores_the_first_answer_word_of_the_decoded_text(trai
     results = evaluate.evaluate_run(root / "run", root / "data", tasks=["boolq"], batch_size=4, method="greedy")
     assert results["boolq"]["records"] == 5 and 0.0 <= results["boolq"]["accuracy"] <= 1.0
     assert json.loads((root / "run" / "eval" / "commonsense.json").read_text())["method"] == "greedy"
-    run, trainable, _ = train.restore_latest(root / "run")
-    forward, params = evaluate.lm_forward(run.model, run.adapter_cfg), (run.frozen, trainable)
-    answers, texts = evaluate.generate_answers(BOOLQ, "boolq", tokenizer, forward, params, run.model.config, 4)
+    run = runs.load(root / "run")
+    forward, params = runs.lm_forward(run.model, run.adapter_cfg), (run.frozen, run.trainable)
+    answers, texts = scoring.generate_answers(BOOLQ, "boolq", tokenizer, forward, params, run.model.config, 4)
     assert len(texts) == 5 and answers == [cs.extract_answer("boolq", t) for t in texts]
     assert results["boolq"]["correct"] == sum(a == r["answer"] for a, r in zip(answers, BOOLQ, strict=True))
 
 
 def test_beam_search_evaluation_with_one_beam_matches_greedy(trained_run):
     root, tokenizer = trained_run
-    run, trainable, _ = train.restore_latest(root / "run")
-    forward, params = evaluate.lm_forward(run.model, run.adapter_cfg), (run.frozen, trainable)
-    greedy = evaluate.generate_answers(BOOLQ, "boolq", tokenizer, forward, params, run.model.config, 4, 6)
-    beam = evaluate.generate_answers(BOOLQ, "boolq", tokenizer, forward, params, run.model.config, 4, 6, num_beams=1)
+    run = runs.load(root / "run")
+    forward, params = runs.lm_forward(run.model, run.adapter_cfg), (run.frozen, run.trainable)
+    greedy = scoring.generate_answers(BOOLQ, "boolq", tokenizer, forward, params, run.model.config, 4, 6)
+    beam = scoring.generate_answers(BOOLQ, "boolq", tokenizer, forward, params, run.model.config, 4, 6, num_beams=1)
     assert beam == greedy
     results = evaluate.evaluate_run(root / "run", root / "data", tasks=["winogrande"], batch_size=4, method="beam")
     assert results["winogrande"]["records"] == 3
@@ -132,8 +132,8 @@ def test_unknown_method_is_named(trained_run):
 def test_perplexity_is_exp_of_the_mean_nll_of_the_trained_response_tokens(trained_run):
     root, tokenizer = trained_run
     results = evaluate.evaluate_run(root / "run", root / "data", tasks=["boolq"], batch_size=4, method="perplexity")
-    run, trainable, _ = train.restore_latest(root / "run")
-    forward = train.make_forward(run.model, run.adapter_cfg)
+    run = runs.load(root / "run")
+    forward, trainable = runs.make_forward(run.model, run.adapter_cfg), run.trainable
     nll = tokens = 0.0
     for ids, trained in encode_all(BOOLQ, tokenizer, 64, 2, train_on_inputs=False):
         logits = forward(trainable, run.frozen, {"inputs": jnp.asarray(ids[None, :-1])}, None)[0]

@@ -9,6 +9,7 @@ import pytest
 
 import dora_jax as dj
 from conftest import ATTENTION_AXES
+from dora_jax import metrics
 from dora_jax.core import AdapterConfig
 
 CFG = AdapterConfig(rank=4, targets=r".*/(query|value|up)/kernel", input_axes=ATTENTION_AXES)
@@ -22,14 +23,15 @@ def tree_size(tree):
     return sum(np.size(leaf) for leaf in jax.tree.leaves(tree))
 
 
-def mse_loss(model, cfg):
+def adapted_forward(model, cfg):
+    """forward(adapters, params, batch, rng) as ``make_train_step`` takes it."""
     f = dj.inject(model.apply, cfg)
+    return lambda adapters, params, batch, rng: f(params, adapters, batch["inputs"], dropout_rng=rng)
 
-    def loss(adapters, params, batch, rng):
-        x, target = batch
-        return jnp.mean((f(params, adapters, x, dropout_rng=rng) - target) ** 2)
 
-    return loss
+def regression_batch(x):
+    """Regress ``x`` onto zeros: the mean squared error over every position."""
+    return {"inputs": x, "targets": jnp.zeros_like(x), "loss_mask": jnp.ones(x.shape[:-1])}
 
 
 def test_trainable_mask_marks_adapter_leaves_and_extra_paths(block):
@@ -54,16 +56,14 @@ def test_adamw_steps_change_only_adapters_and_keep_no_state_for_the_base(block):
     model, params, x = block
     adapters = dj.init_adapters(jax.random.key(0), params, CFG)
     tx = optax.adamw(1e-2)
-    step = jax.jit(dj.optim.make_train_step(mse_loss(model, CFG), tx))
+    step = jax.jit(dj.optim.make_train_step(adapted_forward(model, CFG), tx, metrics.squared_error))
     params_before = jax.tree.map(np.array, params)
-    opt_state = tx.init(adapters)
-    batch = (x, jnp.zeros_like(x))
-    new = adapters
+    state = dj.optim.init_state(tx, adapters)
     for i in range(3):
-        new, opt_state, _ = step(new, params, opt_state, batch, jax.random.key(i))
+        state, _ = step(state, params, regression_batch(x), jax.random.key(i))
     chex.assert_trees_all_equal(params, params_before)
-    assert state_size(opt_state) == 2 * tree_size(adapters) + 1  # mu, nu and the step count
-    changed = jax.tree.map(lambda before, after: bool(np.any(before != after)), adapters, new)
+    assert state_size(state["opt_state"]) == 2 * tree_size(adapters) + 1  # mu, nu and the step count
+    changed = jax.tree.map(lambda before, after: bool(np.any(before != after)), adapters, state["trainable"])
     assert all(jax.tree.leaves(changed)), changed
 
 
@@ -93,19 +93,37 @@ def test_jitted_train_step_compiles_once(block, method):
         method=method, rank=4, targets=r".*/(query|value|up)/kernel", input_axes=ATTENTION_AXES, dropout=0.1
     )
     traces = []
-    loss = mse_loss(model, cfg)
+    forward = adapted_forward(model, cfg)
 
     def counted(*args):
         traces.append(1)
-        return loss(*args)
+        return forward(*args)
 
     tx = optax.adamw(1e-3)
-    step = jax.jit(dj.optim.make_train_step(counted, tx), donate_argnums=(0, 2))
-    adapters = dj.init_adapters(jax.random.key(0), params, cfg)
-    opt_state = tx.init(adapters)
+    step = jax.jit(dj.optim.make_train_step(counted, tx, metrics.squared_error), donate_argnums=(0,))
+    state = dj.optim.init_state(tx, dj.init_adapters(jax.random.key(0), params, cfg))
     losses = []
     for i in range(4):
-        adapters, opt_state, value = step(adapters, params, opt_state, (x, jnp.zeros_like(x)), jax.random.key(i))
-        losses.append(float(value))
+        state, out = step(state, params, regression_batch(x), jax.random.key(i))
+        losses.append(float(out["loss"]))
     assert len(traces) == 1 and step._cache_size() == 1
-    assert losses[-1] < losses[0]
+    assert losses[-1] < losses[0] and int(state["step"]) == 4
+
+
+def test_accumulated_micro_batches_give_the_whole_batch_gradient(block):
+    # Rows weigh unequally (loss_mask), so averaging per-micro-batch means would be wrong; the step
+    # divides every micro-batch by the whole batch's count and the sums are exact.
+    model, params, x = block
+    adapters = jax.tree.map(lambda a: a + 0.01, dj.init_adapters(jax.random.key(0), params, CFG))
+    batch = regression_batch(x)
+    batch["loss_mask"] = batch["loss_mask"].at[0].set(0.0).at[-1, 1:].set(0.0)
+    tx = optax.sgd(1.0)
+    results = []
+    for accum in (1, 2):
+        forward = adapted_forward(model, CFG)
+        step = jax.jit(dj.optim.make_train_step(forward, tx, metrics.squared_error, grad_accum=accum))
+        results.append(step(dj.optim.init_state(tx, adapters), params, batch, jax.random.key(0)))
+    (one, sums_one), (two, sums_two) = results
+    chex.assert_trees_all_close(one["trainable"], two["trainable"], atol=1e-6)
+    np.testing.assert_allclose(sums_one["loss"], sums_two["loss"], rtol=1e-6)
+    np.testing.assert_allclose(sums_one["grad_norm"], sums_two["grad_norm"], rtol=1e-5)

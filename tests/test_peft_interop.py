@@ -11,7 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 import dora_jax as dj
 from conftest import TINY_BERT, TINY_LLAMA, token_batch
-from dora_jax import io
+from dora_jax import io, metrics
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -43,16 +43,16 @@ def trained_adapters(model, params, cfg, ids, mask, steps=3):
     f = dj.inject(model.apply, cfg)
     target = jax.random.normal(jax.random.key(9), model.apply({"params": params}, ids, attention_mask=mask).shape)
 
-    def loss(adapters, frozen, batch, rng):
-        return jnp.mean((f(frozen, adapters, batch[0], attention_mask=batch[1]) - target) ** 2)
+    def forward(adapters, frozen, batch, rng):
+        return f(frozen, adapters, batch["inputs"], attention_mask=batch["attention_mask"])
 
     tx = optax.adamw(1e-2)
-    step = jax.jit(dj.optim.make_train_step(loss, tx))
-    adapters = dj.init_adapters(jax.random.key(0), params, cfg)
-    state = tx.init(adapters)
+    step = jax.jit(dj.optim.make_train_step(forward, tx, metrics.squared_error))
+    state = dj.optim.init_state(tx, dj.init_adapters(jax.random.key(0), params, cfg))
+    batch = {"inputs": ids, "attention_mask": mask, "targets": target, "loss_mask": jnp.ones(target.shape[:-1])}
     for i in range(steps):
-        adapters, state, _ = step(adapters, params, state, (ids, mask), jax.random.key(i))
-    return adapters
+        state, _ = step(state, params, batch, jax.random.key(i))
+    return state["trainable"]
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])

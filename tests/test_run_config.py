@@ -11,7 +11,9 @@ ERRORS = [
     ({"data.source": "csv"}, r"data.source 'csv' is unknown; sources: \['synthetic', 'instruction', 'tfds'"),
     ({"train.grad_accum": 3}, r"train.batch_size=32 is not divisible by train.grad_accum=3"),
     ({"train.grad_accum": 0}, r"train.grad_accum: expected a positive integer; got 0"),
-    ({"adapter.method": "ia3"}, r"adapter.method: expected one of \('dora', 'lora', 'full'\); got 'ia3'"),
+    ({"adapter.method": "ia3"}, r"AdapterConfig.method: expected one of 'dora', 'lora'; got 'ia3'"),
+    ({"adapter.method": "full"}, r"adapter.method='full': full fine-tuning is train.finetune='full'"),
+    ({"train.finetune": "head"}, r"train.finetune: expected one of \['adapter', 'full'\]; got 'head'"),
     ({"adapter.norm_grad": "none"}, r"AdapterConfig.norm_grad: expected one of 'exact', 'detach'; got 'none'"),
     ({"adapter.fallback": "skip"}, r"AdapterConfig.fallback: expected one of 'merge', 'error'; got 'skip'"),
     ({"adapter.rank": 0}, r"AdapterConfig.rank: expected a positive integer; got 0"),
@@ -30,8 +32,19 @@ def test_check_names_the_key_and_the_valid_choices(overrides, message):
 
 def test_full_fine_tuning_skips_the_adapter_fields():
     config = run_config.defaults()
-    config.adapter.update(method="full", rank=0)  # no adapter: its fields are not used
+    config.train.finetune = "full"
+    config.adapter.rank = 0  # no adapter: its fields are not used
     run_config.check(config)
+    assert run_config.adapter_config(config) is None and run_config.method_name(config) == "full"
+
+
+def test_a_config_stored_before_train_finetune_reads_as_today():
+    stored = run_config.flat(run_config.defaults())
+    del stored["train.finetune"]
+    full = run_config.from_flat({**stored, "adapter.method": "full"})
+    assert full.train.finetune == "full" and full.adapter.method == "dora"
+    lora = run_config.from_flat({**stored, "adapter.method": "lora"})
+    assert lora.train.finetune == "adapter" and lora.adapter.method == "lora"
 
 
 def test_the_adapter_section_is_adapter_configs_fields():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import TEST_XLA_FLAG
-from dora_jax import io, run_config, train
+from dora_jax import base_model, io, run_config, train
 from dora_jax.errors import ConfigError, InjectError
 from dora_jax.inject import NOT_READ
 
@@ -53,7 +53,7 @@ def test_run_writes_metrics_checkpoints_and_a_peft_adapter(tmp_path, cache_dir):
     assert sorted(train_losses(tmp_path)) == list(range(1, 11))
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "5"]
-    model, params = io.load_hf(train.synthetic_base_dir(small(cache_dir)))
+    model, params = io.load_hf(base_model.synthetic_base_dir(small(cache_dir)))
     adapters, cfg = io.import_peft(tmp_path / "adapter", params, model=model)
     assert cfg.method == "dora" and cfg.rank == 8 and len(jax.tree.leaves(adapters)) == 3 * 5 * 2
     assert json.loads((tmp_path / "summary.json").read_text())["after"] == summary["after"]
@@ -75,7 +75,9 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, cache_di
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_lora_and_full_fine_tuning_learn_the_task(tmp_path, cache_dir, method):
-    summary = train.train_and_evaluate(small(cache_dir, **{"adapter.method": method}), tmp_path)
+    what = {"train.finetune": "full"} if method == "full" else {"adapter.method": method}
+    summary = train.train_and_evaluate(small(cache_dir, **what), tmp_path)
+    assert summary["method"] == method
     assert summary["after"]["loss"] < 0.85 * summary["before"]["loss"]
     if method == "full":
         assert summary["trainable_share"] == 1.0 and (tmp_path / "model" / "config.json").exists()
@@ -131,7 +133,7 @@ def test_unknown_config_key_names_the_valid_keys(tmp_path, cache_dir):
 
 
 def test_unknown_method_lists_the_choices(tmp_path, cache_dir):
-    with pytest.raises(ConfigError, match=r"adapter.method: expected one of \('dora', 'lora', 'full'\); got 'ia3'"):
+    with pytest.raises(ConfigError, match=r"AdapterConfig.method: expected one of 'dora', 'lora'; got 'ia3'"):
         train.train_and_evaluate(small(cache_dir, **{"adapter.method": "ia3"}), tmp_path)
 
 
@@ -157,7 +159,7 @@ def test_cli_reports_a_bad_override_without_a_traceback(tmp_path):
 
 def test_targets_the_forward_cannot_run_are_reported_at_start_up(cache_dir, caplog):
     config = small(cache_dir, **{"adapter.targets": r".*/q_proj/kernel|embed_tokens/embedding"})
-    with caplog.at_level(logging.WARNING, "dora_jax.train"):
+    with caplog.at_level(logging.WARNING, "dora_jax.runs"):
         train.build(config)
     expected = f"target embed_tokens/embedding is merged into the kernel at every step (W' built): {NOT_READ}"
     assert expected in caplog.text
@@ -200,7 +202,7 @@ def test_export_command_writes_the_runs_adapter_and_merged_model(tmp_path, cache
     name = "adapter_model.safetensors"
     assert (tmp_path / "peft" / name).read_bytes() == (tmp_path / "run" / "adapter" / name).read_bytes()
     export.export_run(tmp_path / "run", "merged", tmp_path / "merged")
-    model, params = io.load_hf(train.synthetic_base_dir(small(cache_dir)))
+    model, params = io.load_hf(base_model.synthetic_base_dir(small(cache_dir)))
     adapters, cfg = io.import_peft(tmp_path / "peft", params, model=model)
     _, merged = io.load_hf(tmp_path / "merged")
     jax.tree.map(np.testing.assert_array_equal, merged, merge(params, adapters, cfg))
@@ -213,7 +215,7 @@ def test_export_command_errors_name_the_problem(tmp_path, cache_dir):
         export.export_run(tmp_path, "peft", tmp_path / "out")
     with pytest.raises(ConfigError, match=r"--format: expected one of \('peft', 'merged'\); got 'gguf'"):
         export.export_run(tmp_path, "gguf", tmp_path / "out")
-    train.train_and_evaluate(small(cache_dir, **{"adapter.method": "full", "train.steps": 2}), tmp_path / "full")
+    train.train_and_evaluate(small(cache_dir, **{"train.finetune": "full", "train.steps": 2}), tmp_path / "full")
     with pytest.raises(ConfigError, match=r"is a full fine-tuning run: it has no adapter; use --format=merged"):
         export.export_run(tmp_path / "full", "peft", tmp_path / "out")
 
@@ -221,6 +223,6 @@ def test_export_command_errors_name_the_problem(tmp_path, cache_dir):
 def test_bfloat16_compute_over_float32_params_trains_with_float32_adapters(tmp_path, cache_dir):
     summary = train.train_and_evaluate(small(cache_dir, **{"model.compute_dtype": "bfloat16"}), tmp_path)
     assert np.isfinite(summary["after"]["loss"]) and summary["after"]["loss"] < summary["before"]["loss"]
-    model, params = io.load_hf(train.synthetic_base_dir(small(cache_dir)))
+    model, params = io.load_hf(base_model.synthetic_base_dir(small(cache_dir)))
     adapters, _ = io.import_peft(tmp_path / "adapter", params, model=model)
     assert {str(leaf.dtype) for leaf in jax.tree.leaves(adapters)} == {"float32"}

@@ -77,7 +77,7 @@ def eos_id(directory: pathlib.Path) -> int | None:
     return None
 
 
-def _tokenizer_dir(config: Any) -> pathlib.Path:
+def tokenizer_dir(config: Any) -> pathlib.Path:
     """data.tokenizer_dir, else the base model's directory (which must then be set)."""
     from dora_jax.run_config import require_path
 
@@ -95,7 +95,7 @@ def _classification_source(config: Any) -> Source:
     data = config.data
     if config.model.num_labels <= 0:
         raise ConfigError("data.source='classification' needs model.num_labels > 0 (e.g. 2 for glue/sst2)")
-    tokenizer = load_tokenizer(_tokenizer_dir(config))  # paths are checked before any data is read
+    tokenizer = load_tokenizer(tokenizer_dir(config))  # paths are checked before any data is read
     if data.tfds_name:
         records = classification.load_tfds(data.tfds_name, data.tfds_split, data.tfds_data_dir)
         origin = f"TFDS {data.tfds_name} split {data.tfds_split}"
@@ -135,7 +135,7 @@ def make_source(config: Any) -> Source:
         else:
             origin = require_path("data.path", data.path)
             records = commonsense.load(origin)
-        directory = _tokenizer_dir(config)
+        directory = tokenizer_dir(config)
         return InstructionSource(
             records,
             origin,

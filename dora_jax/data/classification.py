@@ -132,6 +132,12 @@ def labelled_rows(records: list[dict[str, Any]], tokenizer: Any, max_len: int) -
     return [(ids, types, r["label"], True) for (ids, types), r in zip(encoded, records, strict=True)]
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id rows are right-padded with: the tokenizer's ``[PAD]``, else 0."""
+    pad = tokenizer.token_to_id("[PAD]")
+    return 0 if pad is None else pad
+
+
 def padded_batches(
     rows: list[tuple[Any, ...]], batch_size: int, max_len: int, pad_id: int
 ) -> list[dict[str, np.ndarray]]:
@@ -162,8 +168,7 @@ class ClassificationSource:
             )
         encoded = labelled_rows([self.records[i] for i in np.concatenate([val, train])], self.tokenizer, self.max_len)
         self.val, self.train = encoded[: len(val)], encoded[len(val) :]
-        pad = self.tokenizer.token_to_id("[PAD]")
-        self.pad_id = 0 if pad is None else pad
+        self.pad_id = pad_id(self.tokenizer)
         self.vocab_size = self.tokenizer.get_vocab_size()
         self.seq_len = self.max_len
 

@@ -37,3 +37,44 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def latest_step(directory: str | pathlib.Path) -> int | None:
+    """The newest step saved under ``directory``; None when there is none (or no directory)."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return None
+    manager = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def stored_trainable(directory: str | pathlib.Path, step: int) -> Any:
+    """The tree of the trainable state saved at ``step``, as metadata (shapes, dtypes; no values)."""
+    manager = ocp.CheckpointManager(
+        pathlib.Path(directory).absolute(),
+        options=ocp.CheckpointManagerOptions(create=False),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+    )
+    try:
+        return manager.item_metadata(step)["state"].tree["trainable"]
+    finally:
+        manager.close()
+
+
+def restore_trainable(directory: str | pathlib.Path, step: int, abstract_trainable: Any) -> Any:
+    """The trained state alone at ``step`` (not the optimizer state, which scoring and export do not
+    need), placed with the shardings of ``abstract_trainable``."""
+    manager = ocp.CheckpointManager(
+        pathlib.Path(directory).absolute(), options=ocp.CheckpointManagerOptions(create=False)
+    )
+    item = {"trainable": abstract_trainable}
+    restore = ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+    )
+    try:
+        return manager.restore(step, args=ocp.args.Composite(state=restore)).state["trainable"]
+    finally:
+        manager.close()

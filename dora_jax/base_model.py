@@ -1,0 +1,87 @@
+"""The base model of a run: an HF directory, random weights, or the synthetic base built on first use.
+
+The synthetic base is a small Llama pretrained on ``model.base.task`` by a full fine-tuning run of
+``dora_jax.train`` and cached as an HF directory, one folder per distinct recipe, so that the
+default run needs nothing downloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dora_jax import io, models, run_config
+
+
+def synthetic_base_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
+    """Where the synthetic base of ``config`` is cached: one folder per distinct recipe."""
+    recipe = {
+        "base": {k: v for k, v in run_config.flat(config.model.base).items() if k != "cache_dir"},
+        "data": [config.data.length, config.data.num_symbols],
+        "seed": config.seed,
+    }
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    root = (
+        config.model.base.cache_dir or os.environ.get("DORA_JAX_CACHE") or pathlib.Path.home() / ".cache" / "dora_jax"
+    )
+    return pathlib.Path(root) / f"synthetic-base-{digest}"
+
+
+def pretraining_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The full fine-tuning run that builds the synthetic base of ``config`` from random weights."""
+    config = copy.deepcopy(config)  # sections are assigned below: the caller's config must not change
+    base = config.model.base
+    pretrain = run_config.defaults()
+    pretrain.seed = config.seed
+    pretrain.model.hf_dir = "random"
+    pretrain.model.base = config.model.base
+    pretrain.data = config.data
+    pretrain.data.task = base.task
+    pretrain.train.update(steps=base.steps, batch_size=base.batch_size, learning_rate=base.learning_rate)
+    pretrain.train.finetune = "full"
+    pretrain.train.warmup_steps = min(50, base.steps // 4)
+    pretrain.train.eval_every = max(base.steps, 1)
+    pretrain.train.progress_bar = config.train.progress_bar
+    pretrain.checkpoint.every = max(base.steps, 1)
+    pretrain.mesh = config.mesh
+    return pretrain
+
+
+def build_synthetic_base(config: ml_collections.ConfigDict) -> pathlib.Path:
+    """Pretrains the small base model on ``model.base.task`` once and caches it as an HF directory."""
+    from dora_jax.train import train_and_evaluate  # the base is itself a training run
+
+    target = synthetic_base_dir(config)
+    if (target / "config.json").exists():
+        return target
+    base = config.model.base
+    print(f"building the synthetic base model: {base.steps} steps of {base.task!r} -> {target}", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".building-") as tmp:
+        train_and_evaluate(pretraining_config(config), tmp)
+        os.replace(pathlib.Path(tmp) / "model", target)
+    return target
+
+
+def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    """(model, params) of the run's base model, params in ``model.dtype``."""
+    dtype, compute = jnp.dtype(config.model.dtype), jnp.dtype(config.model.compute_dtype)
+    if config.model.hf_dir == "random":
+        model = models.from_hf_config(
+            config.model.base.architecture.to_dict(), dtype=compute, param_dtype=dtype, remat=config.model.remat
+        )
+        return model, models.init_params(model, jax.random.key(config.seed))
+    hf_dir = run_config.require_path("model.hf_dir", config.model.hf_dir) if config.model.hf_dir else None
+    hf_dir = hf_dir or build_synthetic_base(config)
+    return io.load_hf(
+        hf_dir, dtype=dtype, compute_dtype=compute, num_labels=config.model.num_labels, remat=config.model.remat
+    )
