@@ -24,6 +24,7 @@ RUNTIME_KEYS = (
     "train.log_every",
     "train.progress_bar",
     "checkpoint.async_save",
+    "checkpoint.keep_period",  # which snapshots stay on disk, not what is computed
     "adapter.fallback",  # merge or refuse an unroutable target: the same result either way
 )
 PAPER_TARGETS = r".*/(q_proj|k_proj|v_proj|up_proj|down_proj)/kernel"  # the paper's q, k, v, up, down
@@ -113,6 +114,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 100  # steps between checkpoints (and one at the end)
     c.checkpoint.keep = 2  # newest checkpoints kept
+    c.checkpoint.keep_period = 0  # > 0: also keep every saved step divisible by it (snapshots for dora_jax.analysis)
     c.checkpoint.async_save = True
 
     c.export = ml_collections.ConfigDict()
@@ -165,6 +167,11 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"train.grad_accum: expected a positive integer; got {t.grad_accum!r}")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+
+
+def placeholders(config: ml_collections.ConfigDict) -> list[str]:
+    """Keys whose value is a ``<placeholder>`` a config file left for the user to fill (a path)."""
+    return [k for k, v in flat(config).items() if isinstance(v, str) and v.startswith("<") and v.endswith(">")]
 
 
 def require_path(key: str, value: str) -> str:

@@ -151,7 +151,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     training = build(config)
     run, config = training.run, training.config  # with train.steps resolved from train.epochs
     _check_workdir(workdir, config)
-    checkpoints = Checkpoints(workdir / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
+    checkpoints = Checkpoints(
+        workdir / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save, config.checkpoint.keep_period
+    )
     latest = checkpoints.latest_step()
     state = training.state
     if latest is None:

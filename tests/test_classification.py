@@ -244,3 +244,19 @@ def test_glue_configs_are_valid_and_refuse_to_start_without_the_encoder(tmp_path
     assert c.model.num_labels == (3 if task == "mnli" else 2)
     with pytest.raises(ConfigError, match=r"model.hf_dir is not set"):
         train.train_and_evaluate(c, tmp_path)
+
+
+def test_boolq_records_become_question_classification_records(tmp_path):
+    def record(question, answer):
+        instruction = f"Please answer with true or false, question: {question}\n\nAnswer format: true/false"
+        return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer}
+
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([record("is the sky blue?", "true"), record("do fish walk?", "false")]))
+    assert classification.boolq_questions(path) == [
+        {"text": "is the sky blue?", "label": 1},
+        {"text": "do fish walk?", "label": 0},
+    ]
+    path.write_text(json.dumps([record("is it?", "true"), {**record("x?", "true"), "answer": "option1"}]))
+    with pytest.raises(DataError, match=r"train.json: record 1 is not a BoolQ record"):
+        classification.boolq_questions(path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import pathlib
+import re
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,23 @@ def load_tfds(name: str, split: str, data_dir: str = "", limit: int = 0) -> list
         _check(record, f"TFDS {name} split {split} example {i}")
         records.append(record)
     return records
+
+
+QUESTION = re.compile(r"question:\s*(.*?)\s*\n\s*\nAnswer format", re.DOTALL)
+
+
+def boolq_questions(path: str | pathlib.Path) -> list[dict[str, Any]]:
+    """The BoolQ records of an LLM-Adapters file (``boolq/train.json``) as classification records:
+    the question alone as ``text``, ``label`` 1 for "true" and 0 for "false" (no passage)."""
+    from dora_jax.data import commonsense
+
+    out = []
+    for index, record in enumerate(commonsense.load(path)):
+        found = QUESTION.search(record["instruction"])
+        if found is None or record.get("answer") not in ("true", "false"):
+            raise DataError(f"{path}: record {index} is not a BoolQ record (a question and a true/false answer)")
+        out.append({"text": found.group(1), "label": int(record["answer"] == "true")})
+    return out
 
 
 def num_labels(name: str) -> int:

@@ -13,10 +13,15 @@ import orbax.checkpoint as ocp
 
 
 class Checkpoints:
-    """keep-last-N, optionally asynchronous checkpoints under ``directory``."""
+    """keep-last-N (and every step divisible by ``keep_period``), optionally asynchronous checkpoints."""
 
-    def __init__(self, directory: str | pathlib.Path, keep: int, async_save: bool):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    def __init__(self, directory: str | pathlib.Path, keep: int, async_save: bool, keep_period: int = 0):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            keep_period=keep_period or None,  # steps divisible by it are kept as well (snapshots)
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
         self.manager = ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
 
     def latest_step(self) -> int | None:
@@ -47,6 +52,18 @@ def latest_step(directory: str | pathlib.Path) -> int | None:
     manager = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(create=False))
     try:
         return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def all_steps(directory: str | pathlib.Path) -> list[int]:
+    """Every step saved and kept under ``directory``, ascending (none without a directory)."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    manager = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        return sorted(manager.all_steps())
     finally:
         manager.close()
 
