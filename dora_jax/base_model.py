@@ -68,8 +68,23 @@ def build_synthetic_base(config: ml_collections.ConfigDict) -> pathlib.Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".building-") as tmp:
         train_and_evaluate(pretraining_config(config), tmp)
-        os.replace(pathlib.Path(tmp) / "model", target)
+        try:
+            os.replace(pathlib.Path(tmp) / "model", target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+            # Another run built the same base meanwhile (same recipe, same bytes): use the one in place.
+            print(f"the synthetic base was built by another run meanwhile; using {target}", flush=True)
     return target
+
+
+def base_module(config: ml_collections.ConfigDict) -> Any:
+    """The module of the run's base model from its config alone (no weights read or built)."""
+    if config.model.hf_dir in ("", "random"):
+        return models.from_hf_config(config.model.base.architecture.to_dict())
+    hf_dir = run_config.require_path("model.hf_dir", config.model.hf_dir)
+    hf = io.read_config(hf_dir)
+    return models.from_hf_config(io.classifier_config(hf, config.model.num_labels) if config.model.num_labels else hf)
 
 
 def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Any]:

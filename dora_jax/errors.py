@@ -17,5 +17,9 @@ class ShapeError(DoraError):
     """A kernel or adapter has a shape the requested adaptation cannot use."""
 
 
+class DivergenceError(DoraError):
+    """Training produced a non-finite loss or gradient norm (``train.nan_policy="stop"``)."""
+
+
 class InjectError(DoraError):
     """`inject` was asked not to fall back to `merge`, but a targeted leaf was not intercepted."""

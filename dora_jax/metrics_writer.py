@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import sys
 from typing import Any
 
 from tqdm import tqdm
+
+
+def strict(value: Any) -> Any:
+    """``value`` with every non-finite float as None, so that it is strict JSON (``allow_nan=False``):
+    a NaN or infinite metric reads as null in metrics.jsonl and summary.json."""
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """Strict JSON of ``value`` (non-finite floats as null)."""
+    return json.dumps(strict(value), allow_nan=False, **kwargs)
 
 
 class _Progress:
@@ -31,21 +49,32 @@ class _Progress:
 class MetricsWriter:
     """Appends scalars to ``metrics.jsonl`` and TensorBoard event files; prints eval results."""
 
-    def __init__(self, workdir: str | pathlib.Path, enabled: bool = True):
+    def __init__(self, workdir: str | pathlib.Path, enabled: bool = True, resumed_at: int | None = None):
+        """``resumed_at``: the checkpoint step a resumed run restarts from; rows and events written
+        after it by the interrupted invocation are dropped (they are computed again)."""
         self.enabled = enabled
         self.workdir = pathlib.Path(workdir)
         self.tensorboard = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(self.workdir / "tensorboard"))
+            if resumed_at is not None:
+                self._truncate(resumed_at)
+            purge = None if resumed_at is None else resumed_at + 1  # TensorBoard hides older events from there on
+            self.tensorboard = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=purge)
+
+    def _truncate(self, step: int) -> None:
+        path = self.workdir / "metrics.jsonl"
+        if path.exists():
+            rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            path.write_text("".join(row + "\n" for row in rows))
 
     def write(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:
             return
         scalars = {k: float(v) for k, v in scalars.items()}
         with open(self.workdir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **scalars}) + "\n")
+            f.write(dumps({"step": step, **scalars}) + "\n")
         for key, value in scalars.items():
             self.tensorboard.add_scalar(key, value, step)
         if any(k.startswith("eval/") for k in scalars):

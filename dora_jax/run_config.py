@@ -7,6 +7,7 @@ start from it and override. ``check(config)`` rejects keys the schema lacks, nam
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 import ml_collections
@@ -163,8 +164,17 @@ def check(config: ml_collections.ConfigDict) -> None:
     if config.data.source not in SOURCES:
         raise ConfigError(f"data.source {config.data.source!r} is unknown; sources: {list(SOURCES)}")
     t = config.train
-    if isinstance(t.grad_accum, bool) or not isinstance(t.grad_accum, int) or t.grad_accum < 1:
-        raise ConfigError(f"train.grad_accum: expected a positive integer; got {t.grad_accum!r}")
+    positive = ["train.batch_size", "train.grad_accum", "train.log_every", "train.eval_every", "data.eval_batch_size"]
+    positive += ["checkpoint.every", "checkpoint.keep"]
+    values = flat(config)
+    for key in positive:
+        value = values[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key}: expected a positive integer; got {value!r}")
+    # train.steps=0 evaluates and exports the initial state (the synthetic base with model.base.steps=0)
+    for key in ("train.steps", "train.epochs", "train.warmup_steps", "train.stop_at", "checkpoint.keep_period"):
+        if isinstance(values[key], bool) or not isinstance(values[key], int) or values[key] < 0:
+            raise ConfigError(f"{key}: expected a non-negative integer; got {values[key]!r}")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
 
@@ -172,6 +182,31 @@ def check(config: ml_collections.ConfigDict) -> None:
 def placeholders(config: ml_collections.ConfigDict) -> list[str]:
     """Keys whose value is a ``<placeholder>`` a config file left for the user to fill (a path)."""
     return [k for k, v in flat(config).items() if isinstance(v, str) and v.startswith("<") and v.endswith(">")]
+
+
+def parse_flags(flag_values: Any, args: list[str], program: str) -> list[str]:
+    """Parses a CLI's flags; a bad flag, a missing config file or one that does not run (a syntax
+    error, an exception in get_config) exits with one line that names it instead of a traceback."""
+    from absl import flags
+
+    try:
+        return flag_values(args)
+    except SyntaxError as err:
+        sys.exit(f"{program}: config file {err.filename}, line {err.lineno}: {err.msg}")
+    except (flags.Error, AttributeError, KeyError, ValueError, OSError, TypeError) as err:
+        message = " ".join(str(err).replace("\\n", " ").split()).strip("'\"")
+        sys.exit(f"{program}: bad flag or config file: {message}")
+
+
+def loaded(config: Any, program: str) -> ml_collections.ConfigDict:
+    """A ``--config`` flag's value; config_flags defers a file that failed to load (missing, or an
+    exception in get_config) to first use: that exits here with one line naming the file."""
+    try:
+        config.keys()
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        message = " ".join(str(err).split())
+        sys.exit(f"{program}: config file: {message}")
+    return config
 
 
 def require_path(key: str, value: str) -> str:

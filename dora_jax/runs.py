@@ -129,6 +129,8 @@ class LoadedRun:
         the adapter folded in (for full fine-tuning, the fine-tuned model itself)."""
         if fmt not in FORMATS:
             raise ConfigError(f"export format: expected one of {FORMATS}; got {fmt!r}")
+        if pathlib.Path(out).exists() and not pathlib.Path(out).is_dir():
+            raise ConfigError(f"{out} is a file; the export is a directory: give a new or existing directory")
         if fmt == "peft" and self.adapter_cfg is None:
             raise ConfigError("a full fine-tuning run has no adapter to write as PEFT; export it with format merged")
         if fmt == "merged":

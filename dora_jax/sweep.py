@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"sweep: {len(statuses)} points run, {failed} failed", flush=True)
         sys.exit(min(failed, 125))
 
-    app.run(body, argv=argv)
+    app.run(body, argv=argv, flags_parser=lambda args: run_config.parse_flags(flags.FLAGS, args, "dora_jax.sweep"))
 
 
 if __name__ == "__main__":

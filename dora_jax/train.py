@@ -25,10 +25,10 @@ import ml_collections
 import numpy as np
 import optax
 
+from dora_jax import base_model, metrics_writer, models, optim, parallel, run_config, runs, workdir_lock
 from dora_jax import data as data_lib
 from dora_jax import metrics as metrics_lib
-from dora_jax import models, optim, parallel, run_config, runs
-from dora_jax.errors import ConfigError, DoraError
+from dora_jax.errors import ConfigError, DivergenceError, DoraError
 from dora_jax.io import checkpoints as io_checkpoints
 from dora_jax.io.checkpoints import Checkpoints
 from dora_jax.metrics_writer import MetricsWriter
@@ -111,16 +111,29 @@ def build(config: ml_collections.ConfigDict) -> Training:
             raise ConfigError(f"train.epochs needs a finite dataset; data.source={config.data.source!r} is endless")
         config = copy.deepcopy(config)
         config.train.steps = config.train.epochs * source.epoch_steps(config.train.batch_size)
-    run = runs.place(config, mesh)
     classify = data_lib.is_classification(source)
-    if classify != (models.family(run.model).head is not None):
+    module = base_model.base_module(config)  # the model/task fit is checked before any weight is read
+    if classify != (models.family(module).head is not None):
         raise ConfigError(
-            f"data.source={config.data.source!r} does not fit {type(run.model).__name__}: sequence classification "
+            f"data.source={config.data.source!r} does not fit {type(module).__name__}: sequence classification "
             "needs model.num_labels > 0 (a BERT-family encoder) with data.source='classification'"
         )
-    vocab = run.model.config.vocab_size
-    if source.vocab_size > vocab:
-        raise ConfigError(f"data needs a vocabulary of {source.vocab_size}; the model has {vocab}")
+    if not classify and models.family(module).output != "logits":
+        raise ConfigError(
+            f"data.source={config.data.source!r} trains a causal LM (next-token targets), but the model is "
+            f"{type(module).__name__}, an encoder without an LM head: use a Llama-family model, or "
+            "data.source='classification' with model.num_labels > 0"
+        )
+    first = source.batch(0, config.train.batch_size)
+    if not np.any(first["loss_mask"]):
+        raise ConfigError(
+            f"the first training batch of data.source={config.data.source!r} has no token to learn from (an "
+            f"all-zero loss mask): responses cut by data.cutoff_len={config.data.cutoff_len}, or a prompt template "
+            "that leaves no response"
+        )
+    if source.vocab_size > module.config.vocab_size:
+        raise ConfigError(f"data needs a vocabulary of {source.vocab_size}; the model has {module.config.vocab_size}")
+    run = runs.place(config, mesh)
 
     tx = optim.make_optimizer(config.train, run.trainable)
     replicated = parallel.replicated(mesh)
@@ -146,30 +159,48 @@ def build(config: ml_collections.ConfigDict) -> Training:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Trains (or resumes) the run of ``config`` in ``workdir`` and returns its summary."""
+    """Trains (or resumes) the run of ``config`` in ``workdir`` and returns its summary; one run per
+    workdir at a time (``workdir_lock``)."""
     workdir = pathlib.Path(workdir)
     training = build(config)
+    with workdir_lock.held(workdir, enabled=jax.process_index() == 0):
+        return _train_and_evaluate(training, workdir)
+
+
+def _train_and_evaluate(training: Training, workdir: pathlib.Path) -> dict[str, Any]:
     run, config = training.run, training.config  # with train.steps resolved from train.epochs
     _check_workdir(workdir, config)
+    finished = _finished_summary(workdir, config)
+    if finished is not None:
+        print(
+            f"{workdir} holds this run, finished (step {finished['step']} of {config.train.steps}); nothing to do "
+            "(dora_jax.export and dora_jax.evaluate write its exports and scores again)",
+            flush=True,
+        )
+        return finished
     checkpoints = Checkpoints(
         workdir / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save, config.checkpoint.keep_period
     )
-    latest = checkpoints.latest_step()
     state = training.state
-    if latest is None:
-        meta = {"before": training.evaluate(state["trainable"]), "seed": config.seed}
-    else:
-        if not runs.is_current_layout(io_checkpoints.stored_trainable(workdir / "checkpoints", latest)):
+
+    def current_layout(step: int) -> None:
+        if not runs.is_current_layout(io_checkpoints.stored_trainable(workdir / "checkpoints", step)):
             raise ConfigError(
-                f"{workdir / 'checkpoints'}: step {latest} was written by an earlier dora_jax (its trained state is "
+                f"{workdir / 'checkpoints'}: step {step} was written by an earlier dora_jax (its trained state is "
                 "not {'adapters', 'params'}); it scores and exports (dora_jax.evaluate, dora_jax.export) but cannot "
                 "resume: train in a new --workdir"
             )
-        state, meta = checkpoints.restore(latest, runs.abstract(state, training.state_sharding))
+
+    restored = checkpoints.restore_newest_intact(runs.abstract(state, training.state_sharding), current_layout)
+    latest = None if restored is None else restored[0]
+    if restored is None:
+        meta = {"before": training.evaluate(state["trainable"]), "seed": config.seed}
+    else:
+        latest, state, meta = restored
         print(f"resumed from {workdir / 'checkpoints'} at step {latest}", flush=True)
     start = int(state["step"])
     stop = min(config.train.steps, config.train.stop_at or config.train.steps)
-    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, resumed_at=latest)
     if latest is None:
         writer.write(0, {f"eval/{k}": v for k, v in meta["before"].items()})
     trainable_count = count_params(state["trainable"])
@@ -177,25 +208,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     tokens_per_step = config.train.batch_size * training.source.seq_len
     bar = writer.progress(total=config.train.steps, initial=start, enabled=config.train.progress_bar)
     speeds, window, window_steps, window_start = [], None, 0, time.perf_counter()
-    for step in range(start, stop):
-        state, metrics = training.train_step(state, run.frozen, training.batch(step), training.step_rng(step))
-        window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
-        window_steps += 1
-        done = step + 1
-        if done % config.train.log_every == 0 or done == stop:
-            scalars = {"train/" + k: v for k, v in metrics_lib.summarise(window).items()}
-            scalars["train/grad_norm"] = float(window["grad_norm"]) / window_steps
-            scalars["train/tokens_per_s"] = tokens_per_step * window_steps / (time.perf_counter() - window_start)
-            speeds.append(scalars["train/tokens_per_s"])
-            writer.write(done, scalars)
-            bar.update_to(done, loss=scalars["train/loss"], tokens_per_s=scalars["train/tokens_per_s"])
-            window, window_steps, window_start = None, 0, time.perf_counter()
-        if done % config.train.eval_every == 0 and done != config.train.steps:
-            writer.write(done, {f"eval/{k}": v for k, v in training.evaluate(state["trainable"]).items()})
-        if done % config.checkpoint.every == 0 or done == stop:
-            checkpoints.save(done, state, {**meta, "data_index": done})
-    bar.close()
-    checkpoints.close()
+    last_good = start  # the newest step known to have finite loss and gradient norm
+    try:
+        for step in range(start, stop):
+            state, metrics = training.train_step(state, run.frozen, training.batch(step), training.step_rng(step))
+            window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
+            window_steps += 1
+            done = step + 1
+            checks = (config.train.log_every, config.train.eval_every, config.checkpoint.every)
+            if any(done % every == 0 for every in checks) or done == stop:
+                _check_finite(window, last_good, done, workdir)  # before anything logs, evaluates or saves it
+                last_good = done
+            if done % config.train.log_every == 0 or done == stop:
+                scalars = {"train/" + k: v for k, v in metrics_lib.summarise(window).items()}
+                scalars["train/grad_norm"] = float(window["grad_norm"]) / window_steps
+                scalars["train/tokens_per_s"] = tokens_per_step * window_steps / (time.perf_counter() - window_start)
+                speeds.append(scalars["train/tokens_per_s"])
+                writer.write(done, scalars)
+                bar.update_to(done, loss=scalars["train/loss"], tokens_per_s=scalars["train/tokens_per_s"])
+                window, window_steps, window_start = None, 0, time.perf_counter()
+            if done % config.train.eval_every == 0 and done != config.train.steps:
+                writer.write(done, {f"eval/{k}": v for k, v in training.evaluate(state["trainable"]).items()})
+            if done % config.checkpoint.every == 0 or done == stop:
+                checkpoints.save(done, state, {**meta, "data_index": done})
+    finally:  # a stop (divergence, an interrupt) still lets a pending save finish
+        bar.close()
+        checkpoints.close()
     final_step = int(state["step"])
     summary = {
         "method": run_config.method_name(config),
@@ -216,9 +254,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     writer.close()
     if jax.process_index() == 0:
         _export(dataclasses.replace(run, trainable=state["trainable"], step=final_step), workdir)
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (workdir / "summary.json").write_text(metrics_writer.dumps(summary, indent=2))
         print(_report(summary, workdir), flush=True)
     return summary
+
+
+def _finished_summary(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """The summary of the run in ``workdir`` when it already finished all ``train.steps``."""
+    path = workdir / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if "after" in summary and summary["step"] >= config.train.steps else None
+
+
+def _check_finite(window: dict[str, Any], last_good: int, step: int, workdir: pathlib.Path) -> None:
+    """Raises DivergenceError when a step since ``last_good`` had a non-finite loss or gradient norm:
+    the run stops before that state is logged, evaluated, checkpointed or exported."""
+    if bool(jnp.isfinite(window["loss"]) & jnp.isfinite(window["grad_norm"])):
+        return
+    raise DivergenceError(
+        f"training diverged: a non-finite loss or gradient norm between steps {last_good + 1} and {step}; "
+        f"{workdir / 'checkpoints'} keeps the newest checkpoint up to step {last_good}, nothing later is saved "
+        "or exported (lower train.learning_rate, raise train.warmup_steps or set train.clip_norm)"
+    )
 
 
 def _export(run: runs.LoadedRun, workdir: pathlib.Path) -> None:
@@ -264,17 +323,14 @@ def main(argv: list[str] | None = None) -> None:
     workdir_flag = flags.DEFINE_string("workdir", None, "Directory for everything the run writes.", required=True)
 
     def parse(args):
-        try:
-            return flags.FLAGS(args)
-        except (flags.Error, AttributeError, KeyError, ValueError) as err:
-            message = str(err).replace("\\n", " ").strip("'\"")
-            sys.exit(f"dora_jax.train: bad flag: {message}")
+        return run_config.parse_flags(flags.FLAGS, args, "dora_jax.train")
 
     def run(_):
         logging.basicConfig(level=logging.WARNING)
         absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
+        config = run_config.loaded(config_flag.value, "dora_jax.train")
         try:
-            train_and_evaluate(config_flag.value, workdir_flag.value)
+            train_and_evaluate(config, workdir_flag.value)
         except DoraError as err:
             sys.exit(f"dora_jax.train: {err}")
 

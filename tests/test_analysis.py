@@ -6,7 +6,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from test_train import small
+from test_train import shared_base_cache, small
 
 import dora_jax as dj
 from dora_jax import analysis, runs, train
@@ -66,7 +66,7 @@ def test_a_sweep_directory_stands_for_its_points(tmp_path):
 def analysed(tmp_path_factory):
     """A 10-step DoRA run keeping its step-5 snapshot, analysed; (workdir, csv rows)."""
     root = tmp_path_factory.mktemp("analysis")
-    config = small(root / "cache", **{"checkpoint.keep": 1, "checkpoint.keep_period": 5})
+    config = small(shared_base_cache(tmp_path_factory), **{"checkpoint.keep": 1, "checkpoint.keep_period": 5})
     train.train_and_evaluate(config, root / "run")
     analysis.analyse([root / "run"])
     with (root / "run" / "analysis.csv").open() as f:

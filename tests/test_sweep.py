@@ -7,6 +7,7 @@ import pathlib
 import pytest
 from absl import flags
 from ml_collections import config_flags
+from test_train import shared_base_cache
 
 from dora_jax import sweep, sweep_report
 from dora_jax.errors import ConfigError
@@ -23,17 +24,17 @@ def get_config():
     return small({cache!r}, **{{"train.steps": 4, "train.eval_every": 4, "export.peft": False}})
 
 def get_sweep():
-    grid = sweep.product({{"adapter.method": ["lora", "dora"]}}, {{"adapter.rank": [2, 4]}})
+    grid = sweep.zip({{"adapter.method": ["lora", "dora"]}}, {{"adapter.rank": [2, 4]}})
     return grid + [{{"adapter.targets": "nowhere/kernel", "adapter.rank": 2}}]  # matches no kernel: fails
 """
 
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    """(sweep file, workdir, statuses) of a 5-point sweep (one point fails), run once."""
+    """(sweep file, workdir, statuses) of a 3-point sweep (one point fails), run once."""
     root = tmp_path_factory.mktemp("sweep")
     path = root / "tiny_sweep.py"
-    path.write_text(SWEEP_FILE.format(tests=str(ROOT / "tests"), cache=str(root / "cache")))
+    path.write_text(SWEEP_FILE.format(tests=str(ROOT / "tests"), cache=str(shared_base_cache(tmp_path_factory))))
     statuses = sweep.run(str(path), root / "run")
     return str(path), root / "run", statuses
 
@@ -89,7 +90,7 @@ def test_the_paper_rank_sweep_refuses_to_start_without_its_paths(tmp_path):
 
 def test_every_point_runs_in_its_directory_and_a_failure_is_recorded(swept):
     _, workdir, statuses = swept
-    assert list(statuses.values()) == ["done"] * 4 + ["failed"]
+    assert list(statuses.values()) == ["done"] * 2 + ["failed"]
     failed = workdir / "adapter.targets=nowhere_kernel,adapter.rank=2"
     assert "matches no" in (failed / "error.txt").read_text()
     summary = json.loads((workdir / "adapter.method=dora,adapter.rank=4" / "summary.json").read_text())
@@ -99,14 +100,14 @@ def test_every_point_runs_in_its_directory_and_a_failure_is_recorded(swept):
 def test_finished_points_are_skipped_when_the_sweep_runs_again(swept):
     path, workdir, _ = swept
     again = sweep.run(path, workdir, report=False)
-    assert list(again.values()) == ["skipped"] * 4 + ["failed"]
+    assert list(again.values()) == ["skipped"] * 2 + ["failed"]
 
 
 def test_report_has_a_row_per_point_with_its_status_and_a_plot_per_metric(swept):
     _, workdir, _ = swept
     with (workdir / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [row["status"] for row in rows] == ["done"] * 4 + ["failed"]
+    assert [row["status"] for row in rows] == ["done"] * 2 + ["failed"]
     assert {"adapter.method", "adapter.rank", "adapter.targets", "eval/loss", "eval/exact_match"} <= set(rows[0])
     table = (workdir / "results.md").read_text()
     assert "| lora | 2 |  | 1/1 |" in table and "| 0/1 (failed) | – |" in table
@@ -121,20 +122,20 @@ def test_report_has_a_row_per_point_with_its_status_and_a_plot_per_metric(swept)
 def test_listed_commands_give_the_points_config(swept):
     path, workdir, _ = swept
     base, points = sweep.load(path)
-    line = sweep.command(path, workdir, points[3])
+    line = sweep.command(path, workdir, points[1])
     assert f"--workdir={workdir}/adapter.method=dora,adapter.rank=4" in line
     argv = ["train"] + [arg for arg in line.split()[3:] if not arg.startswith("--workdir")]
     values = flags.FlagValues()  # the train CLI's parsing: config_flags reads the overrides from argv
     config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
     values(argv)
-    assert values.config.to_dict() == sweep.point_config(base, points[3]).to_dict()
+    assert values.config.to_dict() == sweep.point_config(base, points[1]).to_dict()
 
 
 def test_one_point_runs_alone_and_the_others_report_as_missing(swept, tmp_path):
     path, _, _ = swept
-    statuses = sweep.run(path, tmp_path / "one", point=4)
+    statuses = sweep.run(path, tmp_path / "one", point=2)
     assert statuses == {"adapter.targets=nowhere_kernel,adapter.rank=2": "failed"}
     keys, _, rows = sweep_report.gather(tmp_path / "one")
-    assert [row["status"] for row in rows] == ["missing"] * 4 + ["failed"]
-    with pytest.raises(ConfigError, match=r"--point=5: the sweep has points 0..4"):
-        sweep.run(path, tmp_path / "one", point=5)
+    assert [row["status"] for row in rows] == ["missing"] * 2 + ["failed"]
+    with pytest.raises(ConfigError, match=r"--point=3: the sweep has points 0..2"):
+        sweep.run(path, tmp_path / "one", point=3)

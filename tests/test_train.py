@@ -21,7 +21,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("base-cache")
+    return shared_base_cache(tmp_path_factory)
+
+
+def shared_base_cache(tmp_path_factory):
+    """One synthetic-base cache for every test process of the session (the bases ``small`` asks for
+    are built once; two processes building the same one at once both finish, the second reuses it)."""
+    path = tmp_path_factory.getbasetemp().parent / "shared-base-cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def small(cache_dir, **overrides):

@@ -18,7 +18,12 @@ def read_records(path: str | pathlib.Path) -> list[Any]:
     path = pathlib.Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    if path.is_dir():
+        raise DataError(f"{path}: a directory, not a JSON list or JSON Lines file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
     if path.suffix == ".jsonl":
         records = []
         for number, line in enumerate(text.splitlines(), start=1):

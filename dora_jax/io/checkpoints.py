@@ -6,23 +6,28 @@ state only. The metadata holds the data-iterator position and what the summary n
 
 from __future__ import annotations
 
+import os
 import pathlib
+import sys
 from typing import Any
 
 import orbax.checkpoint as ocp
+
+from dora_jax.errors import ConfigError
 
 
 class Checkpoints:
     """keep-last-N (and every step divisible by ``keep_period``), optionally asynchronous checkpoints."""
 
     def __init__(self, directory: str | pathlib.Path, keep: int, async_save: bool, keep_period: int = 0):
-        options = ocp.CheckpointManagerOptions(
+        self.directory = pathlib.Path(directory).absolute()
+        self.options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             keep_period=keep_period or None,  # steps divisible by it are kept as well (snapshots)
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self.manager = ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=self.options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -39,9 +44,52 @@ class Checkpoints:
         )
         return restored.state, restored.meta
 
+    def restore_newest_intact(self, abstract_state: Any, check: Any = None) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, meta) of the newest step that restores, or None when there is no step.
+
+        A newer step that fails to restore (a truncated or missing file, broken metadata) is named
+        on stderr and moved aside to ``damaged-<step>`` (kept for inspection, not deleted) so that
+        the run can save that step again. ``check(step)`` may raise a DoraError to refuse a step
+        outright. With no intact step at all: a CheckpointDamaged error listing each step's
+        problem, and nothing moved or deleted.
+        """
+        from dora_jax.errors import DoraError
+
+        problems = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                if check is not None:
+                    check(step)
+                state, meta = self.restore(step, abstract_state)
+            except DoraError:
+                raise
+            except Exception as err:  # noqa: BLE001 (any failure to read a step means it is damaged)
+                problems.append((step, f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"))
+                continue
+            for bad, why in problems:
+                aside = self.directory / f"damaged-{bad}"
+                os.replace(self.directory / str(bad), aside)
+                print(
+                    f"checkpoint step {bad} is damaged ({why}); moved to {aside}; resuming from step {step}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if problems:
+                self.manager.close()
+                self.manager = ocp.CheckpointManager(self.directory, options=self.options)
+            return step, state, meta
+        if problems:
+            details = "; ".join(f"step {step}: {why}" for step, why in problems)
+            raise CheckpointDamaged(f"{self.directory}: no checkpoint restores ({details}); nothing was deleted")
+        return None
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class CheckpointDamaged(ConfigError):
+    """Every saved step of a run fails to restore."""
 
 
 def latest_step(directory: str | pathlib.Path) -> int | None:

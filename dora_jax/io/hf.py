@@ -202,10 +202,15 @@ def save_hf(
 
 
 def load_tokenizer(hf_dir: str | pathlib.Path):
-    """The ``tokenizers.Tokenizer`` of an HF directory's ``tokenizer.json`` (no network)."""
+    """The ``tokenizers.Tokenizer`` of an HF directory's ``tokenizer.json`` (no network), with the
+    padding and truncation the file may switch on turned off: dora_jax cuts and pads itself, and a
+    tokenizer that pads every text to 128 tokens would cut every response (an all-zero loss mask)."""
     import tokenizers
 
     path = pathlib.Path(hf_dir) / "tokenizer.json"
     if not path.exists():
         raise CheckpointError(f"{path}: no such file; the tokenizer is read from tokenizer.json")
-    return tokenizers.Tokenizer.from_file(str(path))
+    tokenizer = tokenizers.Tokenizer.from_file(str(path))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer

@@ -70,6 +70,10 @@ class SafetensorsDirectory:
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
             files = sorted({self.directory / name for name in weight_map.values()})
+            inside = self.directory.resolve()
+            for file in files:
+                if not file.resolve().is_relative_to(inside):
+                    raise CheckpointError(f"{index}: shard {file.relative_to(self.directory)} lies outside {inside}")
         else:
             files = sorted(self.directory.glob("*.safetensors"))
         if not files:
@@ -82,12 +86,17 @@ class SafetensorsDirectory:
             if not file.exists():
                 raise CheckpointError(f"{index}: lists {file.name}, which is not in {self.directory}")
             header, data_start = read_header(file)
+            size = file.stat().st_size
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
                 if info["dtype"] not in DTYPES:
                     raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
                 begin, end = info["data_offsets"]
+                if data_start + end > size:
+                    raise CheckpointError(
+                        f"{file}: truncated: tensor {name!r} ends at byte {data_start + end}, the file has {size}"
+                    )
                 self.entries[name] = _Entry(
                     file, info["dtype"], tuple(info["shape"]), data_start + begin, data_start + end
                 )
