@@ -140,17 +140,30 @@ def flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return _flatten(config)
 
 
+def check_key(key: str, valid: dict[str, Any], where: str = "config key") -> None:
+    """ConfigError for a dotted key the schema ``valid`` (``flat(defaults())``) lacks, naming the
+    valid keys of its section."""
+    if key not in valid:
+        section = key.rpartition(".")[0]
+        siblings = sorted(k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == section)
+        raise ConfigError(f"{where} {key!r} is unknown; valid keys in {section or 'the top level'!r}: {siblings}")
+
+
+def set_value(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    """Sets the dotted ``key`` (``"adapter.rank"``) of ``config``."""
+    *sections, name = key.split(".")
+    node = config
+    for section in sections:
+        node = node[section]
+    node[name] = value
+
+
 def check(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for a key the schema lacks or a value the run cannot use, before anything
     is built: what trains, the adapter's fields, choices (schedule, remat, data source), accumulation."""
     valid = flat(defaults())
     for key in flat(config):
-        if key not in valid:
-            section = key.rpartition(".")[0]
-            siblings = sorted(k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == section)
-            raise ConfigError(
-                f"config key {key!r} is unknown; valid keys in {section or 'the top level'!r}: {siblings}"
-            )
+        check_key(key, valid)
     if config.adapter.method == "full" and config.train.finetune != "full":
         raise ConfigError("adapter.method='full': full fine-tuning is train.finetune='full' (adapter.* then unused)")
     adapter_config(config)  # AdapterConfig validates its fields, naming the field and the choices
@@ -255,11 +268,7 @@ def from_flat(values: dict[str, Any]) -> ml_collections.ConfigDict:
     for key, value in upgrade(values).items():
         if key not in valid:
             raise ConfigError(f"config key {key!r} is unknown to this version of dora_jax")
-        *sections, name = key.split(".")
-        node = config
-        for section in sections:
-            node = node[section]
         if isinstance(valid[key], tuple) and isinstance(value, list):
             value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        node[name] = value
+        set_value(config, key, value)
     return config

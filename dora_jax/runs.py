@@ -23,7 +23,7 @@ import jax
 import ml_collections
 
 from dora_jax import io, models, optim, parallel, run_config
-from dora_jax.base_model import load_base
+from dora_jax.base_model import base_module, load_base
 from dora_jax.core import AdapterConfig, init_adapters, merge
 from dora_jax.errors import ConfigError, InjectError
 from dora_jax.inject import describe, inject, merged_targets
@@ -258,12 +258,10 @@ def load_adapter(
     if not base_dir:
         raise ConfigError("an adapter needs its base model: the HF directory of the model it was trained on")
     head = io.read_peft_head(adapter_dir)
-    num_labels = 0 if head is None else int(head["bias"].shape[0])
-    hf_config = io.read_config(base_dir)
-    model = models.from_hf_config(io.classifier_config(hf_config, num_labels) if num_labels else hf_config)
-    adapters, cfg = io.import_peft(adapter_dir, models.abstract_params(model), model=model)
     config = run_config.defaults()
-    config.model.update(hf_dir=str(base_dir), num_labels=num_labels)
+    config.model.update(hf_dir=str(base_dir), num_labels=0 if head is None else int(head["bias"].shape[0]))
+    model = base_module(config)
+    adapters, cfg = io.import_peft(adapter_dir, models.abstract_params(model), model=model)
     config.adapter.update(cfg.to_dict())
     config.data.cutoff_len = cutoff_len
     run = place(config, mesh)

@@ -90,19 +90,10 @@ def point_config(base: ml_collections.ConfigDict, point: Point, index: int | str
     """``base`` with the point's overrides; a key the schema lacks is a ConfigError naming the point."""
     valid = run_config.flat(run_config.defaults())
     config = copy.deepcopy(base)
+    where = index if isinstance(index, str) else f"sweep point {index} ({point_name(point)})"
     for key, value in point.items():
-        if key not in valid:
-            section = key.rpartition(".")[0]
-            siblings = sorted(k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == section)
-            where = index if isinstance(index, str) else f"sweep point {index} ({point_name(point)})"
-            raise ConfigError(
-                f"{where}: key {key!r} is unknown; valid keys in {section or 'the top level'!r}: {siblings}"
-            )
-        *sections, name = key.split(".")
-        node = config
-        for section in sections:
-            node = node[section]
-        node[name] = value
+        run_config.check_key(key, valid, f"{where}: key")
+        run_config.set_value(config, key, value)
     return config
 
 

@@ -6,9 +6,11 @@ state only. The metadata holds the data-iterator position and what the summary n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -28,9 +30,6 @@ class Checkpoints:
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=self.options)
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         self.manager.save(
@@ -92,54 +91,45 @@ class CheckpointDamaged(ConfigError):
     """Every saved step of a run fails to restore."""
 
 
-def latest_step(directory: str | pathlib.Path) -> int | None:
-    """The newest step saved under ``directory``; None when there is none (or no directory)."""
-    directory = pathlib.Path(directory)
-    if not directory.is_dir():
-        return None
-    manager = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(create=False))
+@contextlib.contextmanager
+def _reading(directory: str | pathlib.Path, **kwargs: Any) -> Iterator[ocp.CheckpointManager]:
+    """A CheckpointManager that reads ``directory`` (never creates it), closed after the block."""
+    manager = ocp.CheckpointManager(
+        pathlib.Path(directory).absolute(), options=ocp.CheckpointManagerOptions(create=False), **kwargs
+    )
     try:
-        return manager.latest_step()
+        yield manager
     finally:
         manager.close()
 
 
 def all_steps(directory: str | pathlib.Path) -> list[int]:
     """Every step saved and kept under ``directory``, ascending (none without a directory)."""
-    directory = pathlib.Path(directory)
-    if not directory.is_dir():
+    if not pathlib.Path(directory).is_dir():
         return []
-    manager = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(create=False))
-    try:
+    with _reading(directory) as manager:
         return sorted(manager.all_steps())
-    finally:
-        manager.close()
+
+
+def latest_step(directory: str | pathlib.Path) -> int | None:
+    """The newest step saved under ``directory``; None when there is none (or no directory)."""
+    steps = all_steps(directory)
+    return steps[-1] if steps else None
 
 
 def stored_trainable(directory: str | pathlib.Path, step: int) -> Any:
     """The tree of the trainable state saved at ``step``, as metadata (shapes, dtypes; no values)."""
-    manager = ocp.CheckpointManager(
-        pathlib.Path(directory).absolute(),
-        options=ocp.CheckpointManagerOptions(create=False),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
-    )
-    try:
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    with _reading(directory, item_handlers=handlers) as manager:
         return manager.item_metadata(step)["state"].tree["trainable"]
-    finally:
-        manager.close()
 
 
 def restore_trainable(directory: str | pathlib.Path, step: int, abstract_trainable: Any) -> Any:
     """The trained state alone at ``step`` (not the optimizer state, which scoring and export do not
     need), placed with the shardings of ``abstract_trainable``."""
-    manager = ocp.CheckpointManager(
-        pathlib.Path(directory).absolute(), options=ocp.CheckpointManagerOptions(create=False)
-    )
     item = {"trainable": abstract_trainable}
     restore = ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
     )
-    try:
+    with _reading(directory) as manager:
         return manager.restore(step, args=ocp.args.Composite(state=restore)).state["trainable"]
-    finally:
-        manager.close()
