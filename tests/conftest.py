@@ -16,6 +16,32 @@ TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
 if TEST_XLA_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAG}".strip()
 
+# How pytest-xdist shares the suite between its two processes (scripts/test.sh): each test file is a
+# unit of work (its module fixtures built once), and units start in this order, the slowest first,
+# then the other files alphabetically (`--no-loadscope-reorder` keeps it): started last, a long file
+# would run alone at the end while the other process idles.
+SLOWEST_FIRST = (
+    "test_notebooks.py",
+    "test_multidevice.py",
+    "test_benchmark.py",
+    "test_train.py",
+    "test_dora_math.py",
+    "test_classification.py",
+    "test_evaluate.py",
+    "test_generate.py",
+    "test_attention.py",
+    "test_reliability.py",
+    "test_peft_interop.py",
+    "test_folded.py",
+    "test_cost.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 # HF config kwargs of the tiny models the HF, PEFT and I/O tests build.
 TINY_LLAMA = dict(
     vocab_size=96,

@@ -29,6 +29,7 @@ def config(mesh, method="dora"):
     """``method``: dora, full, or folded (DoRA with ``adapter.forward="folded"``)."""
     c = run_config.defaults()
     c.model.hf_dir = "random"
+    c.model.base.architecture.num_hidden_layers = 1  # what is sharded is the same in every layer
     c.train.finetune = "full" if method == "full" else "adapter"
     c.adapter.forward = "folded" if method == "folded" else "factored"
     c.train.batch_size = 16

@@ -5,47 +5,29 @@ import pytest
 
 from scripts import benchmark
 
+TINY = ["--batch", "2", "--seq", "16", "--rank", "2", "--steps", "2", "--warmup", "1", "--peak-tflops", "0.5"]
+TINY += ["--minilm-layers", "1", "--minilm-hidden", "48", "--llama-hidden", "64", "--llama-layers", "1"]
+TINY += ["--llama-vocab", "128"]
+
 
 @pytest.fixture(scope="module")
 def rows():
-    args = benchmark.parse_args(
-        [
-            "--models",
-            "minilm,llama",
-            "--batch",
-            "2",
-            "--seq",
-            "16",
-            "--rank",
-            "2",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--minilm-layers",
-            "1",
-            "--minilm-hidden",
-            "48",
-            "--llama-hidden",
-            "64",
-            "--llama-layers",
-            "1",
-            "--llama-vocab",
-            "128",
-            "--peft",
-            "--peak-tflops",
-            "0.5",
-        ]
-    )
-    return benchmark.main(args)
+    """The Llama shape on every path; the MiniLM shape on the factored path, with PEFT's rows beside it."""
+    llama = benchmark.main(benchmark.parse_args([*TINY, "--models", "llama"]))
+    minilm = benchmark.main(benchmark.parse_args([*TINY, "--models", "minilm", "--paths", "factored", "--peft"]))
+    return llama + minilm
+
+
+def expected_variants(paths):
+    return {"full"} | {f"{v}/{p}" for v in ("lora", "dora_exact", "dora_detach") for p in paths}
 
 
 def test_every_variant_of_every_model_is_measured(rows):
     variants = {(r["model"], r["variant"]) for r in rows}
-    paths = ("factored", "folded", "merge")
-    expected = {"full"} | {f"{v}/{p}" for v in ("lora", "dora_exact", "dora_detach") for p in paths}
+    llama = {("llama", v) for v in expected_variants(("factored", "folded", "merge"))}
+    minilm = {("minilm", v) for v in expected_variants(("factored",))}
     peft = {("minilm", f"peft_{v}/torch") for v in ("full", "lora", "dora")}  # --peft: the MiniLM shape only
-    assert variants == {(m, v) for m in ("minilm", "llama") for v in expected} | peft
+    assert variants == llama | minilm | peft
     jax_rows = [r for r in rows if not r["variant"].endswith("/torch")]
     assert all(r["ms_per_step"] > 0 and r["gflop"] > 0 and r["peak_mib"] > 0 for r in jax_rows)
 

@@ -48,3 +48,9 @@ def test_a_failed_install_leaves_no_stamp(tmp_path):
     command = "set -e; source scripts/venv.sh; ensure_venv run -r requirements.txt"
     result = subprocess.run(["bash", "-c", command], cwd=repo)
     assert result.returncode != 0 and not (repo / ".venv" / ".installed-run").exists()
+
+
+def test_the_slowest_first_order_names_test_files_that_exist():
+    from conftest import SLOWEST_FIRST
+
+    assert all((ROOT / "tests" / name).exists() for name in SLOWEST_FIRST)
