@@ -12,10 +12,13 @@ TINY += ["--llama-vocab", "128"]
 
 @pytest.fixture(scope="module")
 def rows():
-    """The Llama shape on every path; the MiniLM shape on the factored path, with PEFT's rows beside it."""
-    llama = benchmark.main(benchmark.parse_args([*TINY, "--models", "llama"]))
-    minilm = benchmark.main(benchmark.parse_args([*TINY, "--models", "minilm", "--paths", "factored", "--peft"]))
+    """Every path once: the Llama shape factored and merged, the MiniLM shape folded, with PEFT's rows beside it."""
+    llama = benchmark.main(benchmark.parse_args([*TINY, "--models", "llama", "--paths", "factored,merge"]))
+    minilm = benchmark.main(benchmark.parse_args([*TINY, "--models", "minilm", "--paths", "folded", "--peft"]))
     return llama + minilm
+
+
+FIRST_PATH = {"llama": "factored", "minilm": "folded"}  # the --paths each shape runs (first given)
 
 
 def expected_variants(paths):
@@ -24,8 +27,8 @@ def expected_variants(paths):
 
 def test_every_variant_of_every_model_is_measured(rows):
     variants = {(r["model"], r["variant"]) for r in rows}
-    llama = {("llama", v) for v in expected_variants(("factored", "folded", "merge"))}
-    minilm = {("minilm", v) for v in expected_variants(("factored",))}
+    llama = {("llama", v) for v in expected_variants(("factored", "merge"))}
+    minilm = {("minilm", v) for v in expected_variants(("folded",))}
     peft = {("minilm", f"peft_{v}/torch") for v in ("full", "lora", "dora")}  # --peft: the MiniLM shape only
     assert variants == llama | minilm | peft
     jax_rows = [r for r in rows if not r["variant"].endswith("/torch")]
@@ -37,7 +40,7 @@ def test_ratios_are_computed_from_the_runs_own_times(rows):
         by = {r["variant"]: r for r in rows if r["model"] == model}
         for r in by.values():
             torch_side = r["variant"].endswith("/torch")
-            path = r["variant"].partition("/")[2] or "factored"  # LoRA on the same path; full FT: the first path
+            path = r["variant"].partition("/")[2] or FIRST_PATH[model]  # LoRA on the same path; full FT: the first
             lora, full = ("peft_lora/torch", "peft_full/torch") if torch_side else (f"lora/{path}", "full")
             assert r["vs_lora"] == pytest.approx(r["ms_per_step"] / by[lora]["ms_per_step"])
             assert r["vs_full"] == pytest.approx(r["ms_per_step"] / by[full]["ms_per_step"])

@@ -32,7 +32,7 @@ def test_data_fsdp_and_tensor_meshes_give_the_losses_of_one_device(eight_devices
     losses = {k.split("/")[1]: v for k, v in eight_devices["losses"].items() if k.startswith(method + "/")}
     # The folded forward trains like the factored one: its sharded runs are compared with factored DoRA's.
     one_device = eight_devices["losses"]["dora/one_device" if method == "folded" else f"{method}/one_device"]
-    assert len(losses) >= 2
+    assert losses  # the meshes tests/multidevice.py runs this method on
     for mesh, values in losses.items():
         np.testing.assert_allclose(values, one_device, rtol=1e-5, atol=1e-5, err_msg=mesh)
 

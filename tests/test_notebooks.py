@@ -1,6 +1,6 @@
 """The notebooks run top to bottom in fresh kernels, and what is committed is what a reader should see.
 
-Each notebook runs with parameters that keep it under a minute (the committed outputs come from
+Each notebook runs with parameters that keep it to about a minute on 2 cores (the committed outputs come from
 ``bash scripts/notebooks.sh``, with the notebooks' own defaults).
 """
 
