@@ -29,7 +29,7 @@ def committed(name):
 
 def text_of(notebook):
     return "".join(
-        out.get("text", "") + "".join(out.get("data", {}).get("text/plain", ""))
+        out.get("text", "") + out.get("data", {}).get("text/plain", "")
         for cell in notebook.cells
         if cell.cell_type == "code"
         for out in cell.outputs
