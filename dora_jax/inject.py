@@ -29,7 +29,7 @@ from flax.linen.dtypes import promote_dtype
 from opt_einsum import parser as einsum_parser
 
 from dora_jax import targets
-from dora_jax.core import AdapterConfig, factored_dense, folded_dense, kernel_layout, matched_entries, merge
+from dora_jax.core import AdapterConfig, factored_dense, folded_dense, kernel_layout, matched_entries, merge, vera
 from dora_jax.core.config import FALLBACKS
 from dora_jax.core.dora import Adapter
 from dora_jax.errors import ConfigError, InjectError
@@ -127,8 +127,14 @@ _HANDLERS: tuple[tuple[type, Callable], ...] = (
 class _Router:
     """The method interceptor: sends targeted layer calls through ``factored_dense`` (or ``folded_dense``)."""
 
-    def __init__(self, entries: Mapping[str, Adapter], cfg: AdapterConfig, dropout_rng: jax.Array | None):
-        self.entries, self.cfg, self.dropout_rng = entries, cfg, dropout_rng
+    def __init__(
+        self,
+        entries: Mapping[str, Adapter],
+        cfg: AdapterConfig,
+        dropout_rng: jax.Array | None,
+        projection: Adapter | None = None,
+    ):
+        self.entries, self.cfg, self.dropout_rng, self.projection = entries, cfg, dropout_rng, projection
         self.handled: set[str] = set()
         self.refused: dict[str, str] = {}  # path -> why a call to it could not be routed
         self.calls: collections.Counter[str] = collections.Counter()
@@ -143,7 +149,7 @@ class _Router:
         bias = module.get_variable("params", "bias") if getattr(module, "use_bias", False) else None
         adapter = self.entries[path]
         axes = self.cfg.axes_for(path, tuple(kernel.shape))
-        matrices = kernel_layout(kernel.shape, axes).adapter_matrices(adapter)
+        matrices = kernel_layout(kernel.shape, axes).adapter_matrices(adapter, self.projection)
         rng = None
         if self.dropout_rng is not None and self.cfg.dropout > 0:
             rng = jax.random.fold_in(jax.random.fold_in(self.dropout_rng, zlib.crc32(path.encode())), self.calls[path])
@@ -170,9 +176,9 @@ def _run(apply_fn: Callable[..., Any], params: Any, router: _Router, args, kwarg
         return apply_fn({"params": params, **collections_}, *args, **kwargs)
 
 
-def _unrouted(apply_fn, cfg, entries, params, args, kwargs, collections_) -> tuple[_Router, dict[str, str]]:
+def _unrouted(apply_fn, cfg, entries, adapters, params, args, kwargs, collections_) -> tuple[_Router, dict[str, str]]:
     """(probe, {path: reason}) after one abstract trace: the targets no layer call can route."""
-    probe = _Router(entries, cfg, None)
+    probe = _Router(entries, cfg, None, vera.projection_of(adapters))
     jax.eval_shape(lambda: _run(apply_fn, params, probe, args, kwargs, collections_))
     return probe, {p: probe.refused.get(p, NOT_READ) for p in sorted(set(entries) - probe.handled)}
 
@@ -194,7 +200,7 @@ def merged_targets(
     """The targets ``inject(apply_fn, cfg)`` would merge (build W') instead of intercepting, each
     with the reason, for a call with these arguments (shapes suffice: one abstract trace)."""
     entries = matched_entries(params, adapters, cfg)
-    return _unrouted(apply_fn, cfg, entries, params, args, kwargs, dict(collections or {}))[1]
+    return _unrouted(apply_fn, cfg, entries, adapters, params, args, kwargs, dict(collections or {}))[1]
 
 
 def inject(apply_fn: Callable[..., Any], cfg: AdapterConfig, *, fallback: str | None = None) -> Callable[..., Any]:
@@ -220,15 +226,17 @@ def inject(apply_fn: Callable[..., Any], cfg: AdapterConfig, *, fallback: str | 
     ) -> Any:
         entries = matched_entries(params, adapters, cfg)
         collections_ = dict(collections or {})
-        probe, unrouted = _unrouted(apply_fn, cfg, entries, params, args, kwargs, collections_)
+        probe, unrouted = _unrouted(apply_fn, cfg, entries, adapters, params, args, kwargs, collections_)
         if unrouted and fallback == "error":
             raise InjectError(
                 f"targets the adapted forward cannot run ({describe(unrouted)}); "
                 "use fallback='merge' to merge them instead"
             )
+        projection = vera.projection_of(adapters)
         if unrouted:
-            params = merge(params, targets.nest({p: entries[p] for p in unrouted}), cfg)
-        router = _Router({p: entries[p] for p in probe.handled}, cfg, dropout_rng)
+            merged = targets.nest({p: entries[p] for p in unrouted})
+            params = merge(params, merged if projection is None else {**merged, vera.PROJECTION: projection}, cfg)
+        router = _Router({p: entries[p] for p in probe.handled}, cfg, dropout_rng, projection)
         return _run(apply_fn, params, router, args, kwargs, collections_)
 
     return adapted_apply

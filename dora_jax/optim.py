@@ -9,6 +9,7 @@ Two ways to train only some leaves:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -18,11 +19,12 @@ import jax.numpy as jnp
 import optax
 
 from dora_jax import targets
-from dora_jax.core import is_adapter
+from dora_jax.core import is_adapter, vera
 
 
 def trainable_mask(tree: Any, extra: str | Iterable[str] = ()) -> Any:
-    """Bool tree over ``tree``: True inside adapters (A, B, m) and at leaves whose path matches ``extra``.
+    """Bool tree over ``tree``: True inside adapters (A, B, m; VeRA's vectors) and at leaves whose path
+    matches ``extra``; VeRA's shared projections stay False.
 
     ``extra`` (regexes over '/'-joined paths, matched in full) adds fully trained leaves, e.g. a
     classification head: ``trainable_mask(tree, extra=r"params/classifier/.*")``.
@@ -33,7 +35,7 @@ def trainable_mask(tree: Any, extra: str | Iterable[str] = ()) -> Any:
         if is_adapter(node):
             return {key: True for key in node}
         path = targets.path_str(keypath)
-        return any(p.fullmatch(path) for p in patterns)
+        return vera.PROJECTION not in path.split("/") and any(p.fullmatch(path) for p in patterns)
 
     return jax.tree_util.tree_map_with_path(label, tree, is_leaf=is_adapter)
 
@@ -56,10 +58,27 @@ def masked(tx: optax.GradientTransformation, mask: Any) -> optax.GradientTransfo
     return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
 
 
-def make_optimizer(train: Any, trainable: Any) -> optax.GradientTransformation:
-    """AdamW with warmup and a cosine/linear/constant schedule, clipping and a weight-decay mask, from
-    a run's ``config.train`` (as ``run_config.check`` accepts it): kernels decay, biases and norms do not,
-    magnitudes as ``train.decay_magnitude`` says."""
+# The optimizer's parameter groups: A (and VeRA's lambda_d), B (lambda_b), magnitudes, every other trained
+# leaf, and the frozen leaves a trainable tree may carry (VeRA's shared projections).
+GROUPS = ("a", "b", "m", "other", "frozen")
+_GROUP_OF_KEY = {"a": "a", "b": "b", "m": "m", "lambda_d": "a", "lambda_b": "b"}
+
+
+def group_labels(trainable: Any) -> Any:
+    """The label of each trainable leaf: "a", "b" or "m" inside an adapter (VeRA's lambda_d with A,
+    lambda_b with B), "frozen" for VeRA's shared projections, "other" elsewhere (a classifier head,
+    the weights of full fine-tuning); the label tree ``make_optimizer`` splits by."""
+
+    def label(keypath: Any, node: Any) -> Any:
+        if is_adapter(node):
+            return {key: _GROUP_OF_KEY[key] for key in node}
+        return "frozen" if vera.PROJECTION in (targets.key_name(k) for k in keypath) else "other"
+
+    return jax.tree_util.tree_map_with_path(label, trainable, is_leaf=is_adapter)
+
+
+def learning_rate_schedule(train: Any) -> optax.Schedule:
+    """Linear warmup from 0 to ``train.learning_rate``, then cosine, linear or constant."""
     decay_steps = max(train.steps - train.warmup_steps, 1)
     end = train.learning_rate * train.end_learning_rate_ratio
     after = {
@@ -68,12 +87,39 @@ def make_optimizer(train: Any, trainable: Any) -> optax.GradientTransformation:
         "constant": optax.constant_schedule(train.learning_rate),
     }
     warmup = optax.linear_schedule(0.0, train.learning_rate, train.warmup_steps)
-    schedule = optax.join_schedules([warmup, after[train.schedule]], [train.warmup_steps])
-    decay_mask = jax.tree_util.tree_map_with_path(
-        lambda kp, leaf: leaf.ndim >= 2 or (train.decay_magnitude and kp[-1].key == "m"), trainable
-    )
+    return optax.join_schedules([warmup, after[train.schedule]], [train.warmup_steps])
+
+
+def make_optimizer(train: Any, trainable: Any) -> optax.GradientTransformation:
+    """AdamW with warmup and a cosine/linear/constant schedule and clipping, from a run's ``config.train``
+    (as ``run_config.check`` accepts it), with one learning rate and decay per group (``group_labels``):
+
+    - A: the schedule, decay ``train.weight_decay``;
+    - B: the schedule times ``train.loraplus_ratio`` (LoRA+, Hayou et al. 2024), decay ``train.weight_decay``;
+    - m: the schedule times ``train.magnitude_lr_ratio``, decay ``train.magnitude_weight_decay``;
+    - other leaves: the schedule, decay ``train.weight_decay`` on matrices only (not biases and norms);
+    - frozen leaves (VeRA's shared projections): no update and no state.
+
+    VeRA's lambda_d and lambda_b take A's and B's settings.
+
+    Clipping sees the global gradient norm over every group, before the split.
+    """
+    schedule = learning_rate_schedule(train)
+
+    def adamw(ratio: float, decay: float, mask: Any = None) -> optax.GradientTransformation:
+        rate = schedule if ratio == 1.0 else (lambda step: ratio * schedule(step))
+        return optax.adamw(rate, weight_decay=decay, mask=mask)
+
+    matrices = functools.partial(jax.tree.map, lambda leaf: leaf.ndim >= 2)
+    groups = {
+        "a": adamw(1.0, train.weight_decay),
+        "b": adamw(train.loraplus_ratio, train.weight_decay),
+        "m": adamw(train.magnitude_lr_ratio, train.magnitude_weight_decay),
+        "other": adamw(1.0, train.weight_decay, mask=matrices),
+        "frozen": optax.set_to_zero(),
+    }
     chain = [optax.clip_by_global_norm(train.clip_norm)] if train.clip_norm > 0 else []
-    return optax.chain(*chain, optax.adamw(schedule, weight_decay=train.weight_decay, mask=decay_mask))
+    return optax.chain(*chain, optax.multi_transform(groups, group_labels(trainable)))
 
 
 def init_state(tx: optax.GradientTransformation, trainable: Any) -> dict[str, Any]:

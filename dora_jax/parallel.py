@@ -95,7 +95,8 @@ def param_shardings(logical_specs: Any, abstract: Any, mesh: Mesh, rules: Sequen
 
 
 def adapter_shardings(adapters: Any, logical_specs: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
-    """A (d_in, r) follows its kernel's input axis, B (r, d_out) and m (d_out,) its output axis.
+    """A (d_in, r) follows its kernel's input axis, B (r, d_out), m (d_out,) and VeRA's lambda_b its
+    output axis; VeRA's lambda_d and shared projections are replicated.
 
     Kernels with more than two axes keep their adapters replicated.
     """
@@ -103,9 +104,12 @@ def adapter_shardings(adapters: Any, logical_specs: Any, mesh: Mesh, rules: Sequ
     specs = {path_str(kp): tuple(spec) for kp, spec in flat}
 
     def one(keypath: Any, adapter: Any) -> Any:
+        if not is_adapter(adapter):  # VeRA's shared projections: small, read by every layer
+            return NamedSharding(mesh, PartitionSpec())
         logical = specs.get(path_str(keypath), ())
         logical_in, logical_out = logical if len(logical) == 2 else (None, None)
         wanted = {"a": (logical_in, None), "b": (None, logical_out), "m": (logical_out,)}
+        wanted.update(lambda_d=(None,), lambda_b=(logical_out,))
         return {
             key: NamedSharding(mesh, _spec(PartitionSpec(*wanted[key]), rules, mesh, value.shape))
             for key, value in adapter.items()

@@ -7,6 +7,7 @@ start from it and override. ``check(config)`` rejects keys the schema lacks, nam
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from typing import Any
 
@@ -98,8 +99,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.schedule = "cosine"  # cosine | linear | constant, after warmup
     c.train.warmup_steps = 20
     c.train.end_learning_rate_ratio = 0.0  # final lr / peak lr
-    c.train.weight_decay = 0.0
-    c.train.decay_magnitude = True  # weight decay on m too (PEFT decays every trainable tensor)
+    c.train.weight_decay = 0.0  # AdamW decay of A, B and (full fine-tuning, a head) every matrix
+    c.train.magnitude_weight_decay = 0.0  # AdamW decay of m (PEFT decays every trainable tensor alike)
+    c.train.magnitude_lr_ratio = 1.0  # m's learning rate / train.learning_rate
+    c.train.loraplus_ratio = 1.0  # B's learning rate / A's (LoRA+, Hayou et al. 2024, suggest 16)
     c.train.clip_norm = 1.0  # global gradient-norm clipping (0: off)
     c.train.eval_every = 50
     c.train.log_every = 10
@@ -166,7 +169,12 @@ def check(config: ml_collections.ConfigDict) -> None:
         check_key(key, valid)
     if config.adapter.method == "full" and config.train.finetune != "full":
         raise ConfigError("adapter.method='full': full fine-tuning is train.finetune='full' (adapter.* then unused)")
-    adapter_config(config)  # AdapterConfig validates its fields, naming the field and the choices
+    adapter = adapter_config(config)  # AdapterConfig validates its fields, naming the field and the choices
+    if adapter is not None and adapter.method == "dvora" and config.export.peft:
+        raise ConfigError(
+            "adapter.method='dvora' with export.peft=True: PEFT has no DVoRA; set export.peft=False "
+            "(and export.merged=True for the merged model)"
+        )
     choices = (
         ("train.schedule", config.train.schedule, list(SCHEDULES)),
         ("model.remat", config.model.remat, sorted(REMAT)),
@@ -188,8 +196,18 @@ def check(config: ml_collections.ConfigDict) -> None:
     for key in ("train.steps", "train.epochs", "train.warmup_steps", "train.stop_at", "checkpoint.keep_period"):
         if isinstance(values[key], bool) or not isinstance(values[key], int) or values[key] < 0:
             raise ConfigError(f"{key}: expected a non-negative integer; got {values[key]!r}")
+    for key in ("train.learning_rate", "train.magnitude_lr_ratio", "train.loraplus_ratio"):
+        if not _real(values[key]) or values[key] <= 0:
+            raise ConfigError(f"{key}: expected a positive number; got {values[key]!r}")
+    for key in ("train.weight_decay", "train.magnitude_weight_decay"):
+        if not _real(values[key]) or values[key] < 0:
+            raise ConfigError(f"{key}: expected a non-negative number; got {values[key]!r}")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def placeholders(config: ml_collections.ConfigDict) -> list[str]:
@@ -245,8 +263,12 @@ def method_name(config: ml_collections.ConfigDict) -> str:
 
 def upgrade(values: dict[str, Any]) -> dict[str, Any]:
     """A flat config stored by an earlier version in today's keys: ``adapter.method="full"`` was
-    full fine-tuning before ``train.finetune`` existed."""
+    full fine-tuning before ``train.finetune`` existed; ``train.decay_magnitude`` (decay m with
+    ``train.weight_decay`` or not) before ``train.magnitude_weight_decay``."""
     values = dict(values)
+    if "train.decay_magnitude" in values:
+        decays = values.pop("train.decay_magnitude")
+        values["train.magnitude_weight_decay"] = values.get("train.weight_decay", 0.0) if decays else 0.0
     if "train.finetune" not in values:
         full = values.get("adapter.method") == "full"
         values["train.finetune"] = "full" if full else "adapter"

@@ -137,12 +137,13 @@ def build(config: ml_collections.ConfigDict) -> Training:
 
     tx = optim.make_optimizer(config.train, run.trainable)
     replicated = parallel.replicated(mesh)
-    opt_sharding = optax.tree_map_params(
+    opt_sharding = optax.tree_map_params(  # the moments of a leaf shard like the leaf; a group's others stay masked
         tx,
-        lambda _, s: s,
+        lambda leaf, s: leaf if isinstance(leaf, optax.MaskedNode) else s,
         jax.eval_shape(tx.init, run.trainable),
         run.trainable_sharding,
         transform_non_params=lambda _: replicated,
+        is_leaf=lambda node: isinstance(node, optax.MaskedNode),
     )
     state_sharding = {"step": replicated, "trainable": run.trainable_sharding, "opt_state": opt_sharding}
     metrics = metrics_lib.classification_metrics if classify else metrics_lib.lm_metrics
@@ -203,7 +204,8 @@ def _train_and_evaluate(training: Training, workdir: pathlib.Path) -> dict[str, 
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, resumed_at=latest)
     if latest is None:
         writer.write(0, {f"eval/{k}": v for k, v in meta["before"].items()})
-    trainable_count = count_params(state["trainable"])
+    labels = optim.group_labels(state["trainable"])  # VeRA's shared projections ride along, frozen: not counted
+    trainable_count = count_params(jax.tree.map(lambda x, g: None if g == "frozen" else x, state["trainable"], labels))
     total_count = count_params(run.frozen) + trainable_count
     tokens_per_step = config.train.batch_size * training.source.seq_len
     bar = writer.progress(total=config.train.steps, initial=start, enabled=config.train.progress_bar)

@@ -9,15 +9,17 @@
 
 For each model shape it compiles the training CLI's own train step (``optim.make_train_step`` with
 the CLI's forward and optimizer: AdamW, schedule, clipping) per variant (full fine-tuning; LoRA;
-DoRA with norm_grad exact and detach; each adapter method on the ``inject`` path with the factored
-and the folded forward (``AdapterConfig.forward``) and on the ``merge`` path), then times the variants
-round-robin (median of ``--steps`` timed steps after warm-up, ``block_until_ready``) so that
-machine noise hits all of them alike. It prints ms/step, tokens/s, the ratios to LoRA on the same
-path (DoRA folded against LoRA folded, ...) and to full fine-tuning, XLA's compiled FLOPs
-(``cost_analysis``) and peak memory (``memory_analysis``: arguments + outputs + temporaries −
-aliased), then the same as JSON. Ratios are computed from this run's own measurements.
-With ``--peak-tflops`` (the device's dense peak for the compute dtype) it adds MFU: the step's
-compiled FLOPs per second over that peak (with ``remat`` none the compiled FLOPs are the model's).
+DoRA with norm_grad exact and detach; DoRA split as the paper's Table 6, A and B on q, k, v and the
+magnitude alone on the other layers; VeRA and DVoRA at the same r; ``--variants`` picks some) on the
+``inject`` path with the factored and the folded forward (``AdapterConfig.forward``) and on the
+``merge`` path), then times the variants round-robin (median of ``--steps`` timed steps after
+warm-up, ``block_until_ready``) so that machine noise hits all of them alike. It prints ms/step,
+tokens/s, the ratios to LoRA on the same path (DoRA folded against LoRA folded, ...) and to full
+fine-tuning, XLA's compiled FLOPs (``cost_analysis``) and peak memory (``memory_analysis``:
+arguments + outputs + temporaries − aliased), then the same as JSON. Ratios are computed from
+this run's own measurements. With ``--peak-tflops`` (the device's dense peak for the compute
+dtype) it adds MFU: the step's compiled FLOPs per second over that peak (with ``remat`` none the
+compiled FLOPs are the model's).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--minilm-layers", type=int, default=6)
     parser.add_argument("--minilm-hidden", type=int, default=384)
     parser.add_argument("--paths", default="factored,folded,merge", help="comma list of factored, folded, merge")
+    parser.add_argument(
+        "--variants", default="", help="comma list of VARIANTS names (default: all); full and lora always run"
+    )
     parser.add_argument("--device-count", type=int, default=0, help="forced host devices (data parallel)")
     parser.add_argument("--json", default="", help="also write the results to this file")
     parser.add_argument(
@@ -72,11 +77,14 @@ import dora_jax as dj  # noqa: E402
 from dora_jax import metrics, models, optim, run_config, runs  # noqa: E402
 from scripts.compare_paths import compiled_cost  # noqa: E402
 
-VARIANTS = (
-    ("full", None, None),
-    ("lora", "lora", "detach"),
-    ("dora_exact", "dora", "exact"),
-    ("dora_detach", "dora", "detach"),
+VARIANTS = (  # name, method, norm_grad, placement: every linear layer, or the paper's magnitude-only split
+    ("full", None, None, "all"),
+    ("lora", "lora", "detach", "all"),
+    ("dora_exact", "dora", "exact", "all"),
+    ("dora_detach", "dora", "detach", "all"),
+    ("dora_magnitude", "dora", "detach", "magnitude"),
+    ("vera", "vera", "detach", "all"),
+    ("dvora", "dvora", "detach", "all"),
 )
 
 
@@ -110,6 +118,11 @@ TARGETS = {
     "minilm": r"encoder/.*/kernel",  # every linear layer of the encoder (PEFT's all-linear)
     "llama": r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel",
 }
+# The paper's Table 6 split of the same layers: A, B on the attention's q, k, v; m alone on the others.
+MAGNITUDE_SPLIT = {
+    "minilm": (r".*/attention/(query|key|value)/kernel", r"encoder/.*/(output|intermediate)/dense/kernel"),
+    "llama": (r".*/(q_proj|k_proj|v_proj)/kernel", r".*/(o_proj|gate_proj|up_proj|down_proj)/kernel"),
+}
 
 
 def batch_of(model, ids, target=None) -> dict:
@@ -133,7 +146,7 @@ def optimizer(trainable) -> optax.GradientTransformation:
     return optim.make_optimizer(train, trainable)
 
 
-def variant_step(model, params, name, method, norm_grad, path, rank):
+def variant_step(model, params, name, method, norm_grad, path, rank, placement="all"):
     """(jitted step, state, frozen) of one variant: the CLI's forward (``runs.make_forward``), train
     step and optimizer; the merge path builds W' = merge(...) in the forward instead."""
     if method is None:
@@ -143,10 +156,18 @@ def variant_step(model, params, name, method, norm_grad, path, rank):
         trainable = {"adapters": None, "params": trained}
     else:
         arch = "minilm" if models.family(model).output == "hidden" else "llama"
-        cfg = dj.AdapterConfig(method=method, rank=rank, alpha=2.0 * rank, targets=TARGETS[arch], norm_grad=norm_grad)
+        targets, magnitude_targets = (TARGETS[arch], "") if placement == "all" else MAGNITUDE_SPLIT[arch]
+        cfg = dj.AdapterConfig(
+            method=method,
+            rank=rank,
+            alpha=2.0 * rank,
+            targets=targets,
+            magnitude_targets=magnitude_targets,
+            norm_grad=norm_grad,
+        )
         cfg = dataclasses.replace(cfg, forward="factored" if path == "merge" else path, fallback="error")
         adapters = dj.init_adapters(jax.random.key(1), params, cfg)
-        adapters = jax.tree.map(lambda a: a + 0.01, adapters)  # B != 0: a trained adapter
+        adapters = jax.tree.map(lambda a: a + 0.01, adapters)  # B (VeRA: lambda_b) != 0: a trained adapter
         trained, frozen = dj.partition(params, dj.trainable_mask(params))
         trainable = {"adapters": adapters, "params": trained}
     forward = runs.make_forward(model, cfg)
@@ -191,10 +212,16 @@ def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
         target = regression_target(args.batch, args.seq, hf_config["hidden_size"])
     batch = jax.device_put(batch_of(model, ids, target), split)
     runs = {}
-    for variant, method, norm_grad in VARIANTS:
+    wanted = set(args.variants.split(",")) | {"full", "lora"} if args.variants else {v[0] for v in VARIANTS}
+    unknown = wanted - {v[0] for v in VARIANTS}
+    if unknown:
+        raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {[v[0] for v in VARIANTS]}")
+    for variant, method, norm_grad, placement in VARIANTS:
+        if variant not in wanted:
+            continue
         for path in ["factored"] if method is None else args.paths.split(","):
             key = variant if method is None else f"{variant}/{path}"
-            step, state, frozen = variant_step(model, params, variant, method, norm_grad, path, args.rank)
+            step, state, frozen = variant_step(model, params, variant, method, norm_grad, path, args.rank, placement)
             state = jax.device_put(state, replicated)
             figures = compiled_figures(step, (state, frozen, batch, jax.random.key(0)))
             run = {"step": step, "state": state, "frozen": frozen, "figures": figures, "times": []}

@@ -10,10 +10,15 @@ TINY += ["--minilm-layers", "1", "--minilm-hidden", "48", "--llama-hidden", "64"
 TINY += ["--llama-vocab", "128"]
 
 
+CORE = ("lora", "dora_exact", "dora_detach")  # the variants the Llama shape runs; MiniLM runs every variant
+
+
 @pytest.fixture(scope="module")
 def rows():
-    """Every path once: the Llama shape factored and merged, the MiniLM shape folded, with PEFT's rows beside it."""
-    llama = benchmark.main(benchmark.parse_args([*TINY, "--models", "llama", "--paths", "factored,merge"]))
+    """Every path and variant once: the Llama shape factored and merged (LoRA and DoRA), the MiniLM shape
+    folded with every variant, PEFT's rows beside it."""
+    variants = ["--variants", ",".join(CORE)]
+    llama = benchmark.main(benchmark.parse_args([*TINY, "--models", "llama", "--paths", "factored,merge", *variants]))
     minilm = benchmark.main(benchmark.parse_args([*TINY, "--models", "minilm", "--paths", "folded", "--peft"]))
     return llama + minilm
 
@@ -21,14 +26,14 @@ def rows():
 FIRST_PATH = {"llama": "factored", "minilm": "folded"}  # the --paths each shape runs (first given)
 
 
-def expected_variants(paths):
-    return {"full"} | {f"{v}/{p}" for v in ("lora", "dora_exact", "dora_detach") for p in paths}
+def expected_variants(paths, variants):
+    return {"full"} | {f"{v}/{p}" for v in variants for p in paths}
 
 
 def test_every_variant_of_every_model_is_measured(rows):
     variants = {(r["model"], r["variant"]) for r in rows}
-    llama = {("llama", v) for v in expected_variants(("factored", "merge"))}
-    minilm = {("minilm", v) for v in expected_variants(("folded",))}
+    llama = {("llama", v) for v in expected_variants(("factored", "merge"), CORE)}
+    minilm = {("minilm", v) for v in expected_variants(("folded",), [v[0] for v in benchmark.VARIANTS[1:]])}
     peft = {("minilm", f"peft_{v}/torch") for v in ("full", "lora", "dora")}  # --peft: the MiniLM shape only
     assert variants == llama | minilm | peft
     jax_rows = [r for r in rows if not r["variant"].endswith("/torch")]

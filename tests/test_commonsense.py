@@ -191,12 +191,16 @@ def test_instruction_tuning_runs_end_to_end(tmp_path):
     assert config["base_model_name_or_path"] == str(hf_dir)
 
 
-@pytest.mark.parametrize("variant", ["llama7b_dora_r32", "llama7b_lora_r32", "llama3_8b_dora_r32"])
+@pytest.mark.parametrize(
+    "variant", ["llama7b_dora_r32", "llama7b_lora_r32", "llama3_8b_dora_r32", "llama7b_dora_qkv_magnitude_qkvogud"]
+)
 def test_paper_configs_are_valid_and_refuse_to_start_without_paths(tmp_path, variant):
     c = load_config("configs/commonsense.py", variant)
     run_config.check(c)
     cfg = run_config.adapter_config(c)
     assert cfg.rank * 2 == cfg.alpha and c.train.epochs == 3 and c.train.batch_size == 16
+    if variant.endswith("magnitude_qkvogud"):  # Table 6: direction on q, k, v; magnitude on the rest too
+        assert "o_proj" in cfg.magnitude_targets and "o_proj" not in cfg.targets and "q_proj" in cfg.targets
     with pytest.raises(ConfigError, match=r"data.path is not set \('<path to commonsense_170k.json>'\)"):
         train.train_and_evaluate(c, tmp_path)
     c.data.path = str(instruction_file(tmp_path)[0])

@@ -13,7 +13,7 @@ from dora_jax.core import AdapterConfig
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("method", "dorra", "AdapterConfig.method: expected one of 'dora', 'lora'; got 'dorra'"),
+        ("method", "dorra", "AdapterConfig.method: expected one of 'dora', 'lora', 'vera', 'dvora'; got 'dorra'"),
         ("rank", 0, "AdapterConfig.rank: expected a positive integer; got 0"),
         ("rank", -4, "AdapterConfig.rank: expected a positive integer; got -4"),
         ("rank", 2.5, "AdapterConfig.rank: expected a positive integer; got 2.5"),

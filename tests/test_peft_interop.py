@@ -1,5 +1,6 @@
 """PEFT adapters both ways and merged HF export, checked against PEFT and transformers in PyTorch."""
 
+import dataclasses
 import json
 
 import jax
@@ -38,6 +39,14 @@ def torch_output(model, ids, mask):
     return (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()
 
 
+def assert_same_outputs(model, params, adapters, cfg, torch_model, ids, mask):
+    """Our adapted model and ``torch_model`` agree on the unpadded tokens (1e-4); returns our outputs."""
+    ours = np.asarray(dj.inject(model.apply, cfg)(params, adapters, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    keep = mask.astype(bool)
+    np.testing.assert_allclose(ours[keep], torch_output(torch_model, ids, mask)[keep], rtol=1e-4, atol=1e-4)
+    return ours
+
+
 def trained_adapters(model, params, cfg, ids, mask, steps=3):
     """A few AdamW steps on a fixed regression target so that B != 0 and m has moved."""
     f = dj.inject(model.apply, cfg)
@@ -70,11 +79,9 @@ def test_jax_adapters_load_in_peft_with_the_same_outputs(tmp_path, family, metho
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["use_dora"] is (method == "dora") and config["peft_type"] == "LORA" and config["r"] == 4
     adapted = peft.PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
-    ours = dj.inject(model.apply, cfg)(params, adapters, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
-    keep = mask.astype(bool)
-    np.testing.assert_allclose(np.asarray(ours)[keep], torch_output(adapted, ids, mask)[keep], rtol=1e-4, atol=1e-4)
+    ours = assert_same_outputs(model, params, adapters, cfg, adapted, ids, mask)
     base = np.asarray(model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
-    assert np.abs(np.asarray(ours)[keep] - base[keep]).max() > 1e-3  # the adapter really changes the model
+    assert np.abs((ours - base)[mask.astype(bool)]).max() > 1e-3  # the adapter really changes the model
 
 
 def peft_trained(directory, family, use_dora):
@@ -100,9 +107,7 @@ def test_peft_adapters_import_with_the_same_outputs(tmp_path, family, use_dora):
     adapters, cfg = io.import_peft(tmp_path / "adapter", params, model=model)
     assert cfg.method == ("dora" if use_dora else "lora") and cfg.rslora and cfg.scale == 8.0
     ids, mask = token_batch(FAMILIES[family][2]["vocab_size"], seq=10, padded=3)
-    ours = dj.inject(model.apply, cfg)(params, adapters, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
-    keep = mask.astype(bool)
-    np.testing.assert_allclose(np.asarray(ours)[keep], torch_output(adapted, ids, mask)[keep], rtol=1e-4, atol=1e-4)
+    assert_same_outputs(model, params, adapters, cfg, adapted, ids, mask)
 
 
 @pytest.mark.parametrize("use_dora", [True, False])
@@ -161,9 +166,32 @@ def test_merged_export_loads_in_transformers_without_peft(tmp_path, family):
     adapters = trained_adapters(model, params, cfg, jnp.asarray(ids), jnp.asarray(mask))
     io.save_hf(model, dj.merge(params, adapters, cfg), tmp_path / "merged")
     merged = getattr(transformers, FAMILIES[family][1]).from_pretrained(tmp_path / "merged").eval()
-    ours = dj.inject(model.apply, cfg)(params, adapters, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
-    keep = mask.astype(bool)
-    np.testing.assert_allclose(np.asarray(ours)[keep], torch_output(merged, ids, mask)[keep], rtol=1e-4, atol=1e-4)
+    assert_same_outputs(model, params, adapters, cfg, merged, ids, mask)
+
+
+def test_magnitude_only_modules_load_in_peft_and_import_back(tmp_path):
+    # The paper's Table 6 placement: direction (A, B) on q, k, v; magnitude alone on o, gate, up, down.
+    reference = hf_model(tmp_path / "base", "llama")
+    model, params = io.load_hf(tmp_path / "base")
+    cfg = dj.AdapterConfig(
+        rank=4,
+        alpha=8,
+        targets=r".*/(q_proj|k_proj|v_proj)/kernel",
+        magnitude_targets=r".*/(o_proj|gate_proj|up_proj|down_proj)/kernel",
+    )
+    ids, mask = token_batch(LLAMA["vocab_size"], seq=10, padded=3)
+    adapters = trained_adapters(model, params, cfg, jnp.asarray(ids), jnp.asarray(mask))
+    io.export_peft(adapters, cfg, tmp_path / "adapter", model=model)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {"down_proj": 1, "gate_proj": 1, "o_proj": 1, "up_proj": 1}
+    adapted = peft.PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
+    ours = assert_same_outputs(model, params, adapters, cfg, adapted, ids, mask)
+    base = np.asarray(model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    assert np.abs((ours - base)[mask.astype(bool)]).max() > 1e-3
+    imported, imported_cfg = io.import_peft(tmp_path / "adapter", params, model=model)
+    assert imported_cfg.magnitude_targets == r".*/(down_proj|gate_proj|o_proj|up_proj)/kernel"
+    assert jax.tree.structure(imported) == jax.tree.structure(adapters)
+    jax.tree.map(np.testing.assert_array_equal, imported, adapters)
 
 
 def test_partial_layer_selection_exports_a_regex_that_peft_honours(tmp_path):
@@ -176,9 +204,7 @@ def test_partial_layer_selection_exports_a_regex_that_peft_honours(tmp_path):
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["target_modules"] == r"model\.layers\.1\.self_attn\.q_proj"
     adapted = peft.PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
-    ours = dj.inject(model.apply, cfg)(params, adapters, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
-    keep = mask.astype(bool)
-    np.testing.assert_allclose(np.asarray(ours)[keep], torch_output(adapted, ids, mask)[keep], rtol=1e-4, atol=1e-4)
+    assert_same_outputs(model, params, adapters, cfg, adapted, ids, mask)
     _, imported_cfg = io.import_peft(tmp_path / "adapter", params, model=model)
     assert imported_cfg.targets == r"layers_1/self_attn/q_proj/kernel"
 
@@ -204,8 +230,11 @@ def edit_config(directory, **changes):
         ({"fan_in_fan_out": True}, r"fan_in_fan_out=True is not supported"),
         ({"bias": "all"}, r"bias='all' is not supported \(supported: 'none'\)"),
         ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\] is not supported"),
-        ({"rank_pattern": {"q_proj": 8}}, r"rank_pattern=\{'q_proj': 8\} is not supported"),
-        ({"peft_type": "IA3"}, r"peft_type 'IA3' is not supported; supported: \['LORA'\]"),
+        (
+            {"rank_pattern": {"q_proj": 8}},
+            r"rank_pattern \{'q_proj': 8\} gives module 'model.layers.0.self_attn.q_proj' a rank of its own",
+        ),
+        ({"peft_type": "IA3"}, r"peft_type 'IA3' is not supported; supported: \['LORA', 'VERA'\]"),
     ],
 )
 def test_unsupported_peft_options_are_refused(adapter_dir, changes, message):
@@ -248,3 +277,73 @@ def test_magnitude_missing_from_a_dora_adapter_is_named(adapter_dir):
         io.CheckpointError, match=r"module 'model.layers.0.self_attn.q_proj' lacks \[.*lora_magnitude_vector'\]"
     ):
         io.import_peft(directory, params, model=model)
+
+
+# --- VeRA and DVoRA -----------------------------------------------------------------------------
+
+VERA_MODULES = ["q_proj", "v_proj", "down_proj"]
+VERA_TARGETS = r".*/(q_proj|v_proj|down_proj)/kernel"
+
+
+def test_vera_adapters_load_in_peft_and_import_back(tmp_path):
+    reference = hf_model(tmp_path / "base", "llama")
+    model, params = io.load_hf(tmp_path / "base")
+    cfg = dj.AdapterConfig(method="vera", rank=16, targets=VERA_TARGETS)
+    ids, mask = token_batch(LLAMA["vocab_size"], seq=10, padded=3)
+    adapters = trained_adapters(model, params, cfg, jnp.asarray(ids), jnp.asarray(mask))
+    io.export_peft(adapters, cfg, tmp_path / "adapter", model=model)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "VERA" and config["save_projection"] and config["r"] == 16
+    adapted = peft.PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
+    ours = assert_same_outputs(model, params, adapters, cfg, adapted, ids, mask)
+    base = np.asarray(model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    assert np.abs((ours - base)[mask.astype(bool)]).max() > 1e-3
+    imported, imported_cfg = io.import_peft(tmp_path / "adapter", params, model=model)
+    assert imported_cfg == dataclasses.replace(cfg, targets=r".*/(down_proj|q_proj|v_proj)/kernel")
+    jax.tree.map(np.testing.assert_array_equal, imported, adapters)
+
+
+def test_peft_vera_initialises_as_ours_and_imports_with_the_same_outputs(tmp_path):
+    reference = hf_model(tmp_path / "base", "llama")
+    model, params = io.load_hf(tmp_path / "base")
+    config = peft.VeraConfig(r=16, target_modules=VERA_MODULES, save_projection=True, projection_prng_key=7)
+    adapted = peft.get_peft_model(reference, config)
+    ours = dj.init_adapters(jax.random.key(0), params, dj.AdapterConfig(method="vera", rank=16, targets=VERA_TARGETS))
+    layer = adapted.base_model.model.model.layers[0].self_attn.v_proj
+    np.testing.assert_array_equal(
+        layer.vera_lambda_d["default"].detach().numpy(), ours["layers_0"]["self_attn"]["v_proj"]["kernel"]["lambda_d"]
+    )
+    assert not layer.vera_lambda_b["default"].detach().numpy().any()
+    for name, shared in (("vera_A", "shared_a"), ("vera_B", "shared_b")):  # same shapes (transposed) and bounds
+        theirs = getattr(adapted.base_model, name)["default"].numpy()
+        mine = np.asarray(ours["vera_projection"][shared])
+        assert theirs.shape == mine.T.shape
+        bound = np.sqrt(6.0 / (theirs.shape[1] if name == "vera_A" else 16))
+        assert 0.9 * bound < np.abs(theirs).max() <= bound and 0.9 * bound < np.abs(mine).max() <= bound
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter_name, parameter in adapted.named_parameters():
+            if "vera_lambda" in parameter_name:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    adapted.eval().save_pretrained(tmp_path / "adapter")
+    adapters, cfg = io.import_peft(tmp_path / "adapter", params, model=model)
+    assert cfg.method == "vera" and cfg.projection_seed == 7
+    ids, mask = token_batch(LLAMA["vocab_size"], seq=10, padded=3)
+    mine = assert_same_outputs(model, params, adapters, cfg, adapted, ids, mask)
+
+
+def test_vera_adapter_saved_without_its_projections_is_refused(tmp_path):
+    reference = hf_model(tmp_path / "base", "llama")
+    model, params = io.load_hf(tmp_path / "base")
+    config = peft.VeraConfig(r=16, target_modules=VERA_MODULES, save_projection=False)
+    peft.get_peft_model(reference, config).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(dj.ConfigError, match=r"without its projections .*save_projection=True"):
+        io.import_peft(tmp_path / "adapter", params, model=model)
+
+
+def test_dvora_has_no_peft_format_and_says_to_merge(tmp_path):
+    model = dj.models.from_hf_config(dict(model_type="llama", **LLAMA))
+    params = dj.models.init_params(model, jax.random.key(0))
+    cfg = dj.AdapterConfig(method="dvora", rank=4, targets=VERA_TARGETS)
+    with pytest.raises(dj.ConfigError, match=r"PEFT has no DVoRA .*--format=merged"):
+        io.export_peft(dj.init_adapters(jax.random.key(0), params, cfg), cfg, tmp_path, model=model)

@@ -11,7 +11,7 @@ ERRORS = [
     ({"data.source": "csv"}, r"data.source 'csv' is unknown; sources: \['synthetic', 'instruction', 'tfds'"),
     ({"train.grad_accum": 3}, r"train.batch_size=32 is not divisible by train.grad_accum=3"),
     ({"train.grad_accum": 0}, r"train.grad_accum: expected a positive integer; got 0"),
-    ({"adapter.method": "ia3"}, r"AdapterConfig.method: expected one of 'dora', 'lora'; got 'ia3'"),
+    ({"adapter.method": "ia3"}, r"AdapterConfig.method: expected one of 'dora', 'lora', 'vera', 'dvora'; got 'ia3'"),
     ({"adapter.method": "full"}, r"adapter.method='full': full fine-tuning is train.finetune='full'"),
     ({"train.finetune": "head"}, r"train.finetune: expected one of \['adapter', 'full'\]; got 'head'"),
     ({"adapter.norm_grad": "none"}, r"AdapterConfig.norm_grad: expected one of 'exact', 'detach'; got 'none'"),

@@ -88,6 +88,13 @@ def test_the_paper_rank_sweep_refuses_to_start_without_its_paths(tmp_path):
     }
 
 
+def test_the_variants_sweep_holds_every_method_as_a_valid_point():
+    base, points = sweep.load(str(ROOT / "configs" / "sweeps" / "variants.py"), {})
+    assert len(sweep.check(base, points)) == 18
+    assert {p["adapter.method"] for p in points} == {"lora", "dora", "vera", "dvora"}
+    assert sum("adapter.magnitude_targets" in p for p in points) == 3
+
+
 def test_every_point_runs_in_its_directory_and_a_failure_is_recorded(swept):
     _, workdir, statuses = swept
     assert list(statuses.values()) == ["done"] * 2 + ["failed"]

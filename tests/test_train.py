@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+import dora_jax as dj
 from conftest import TEST_XLA_FLAG
 from dora_jax import base_model, io, run_config, train
 from dora_jax.errors import ConfigError, InjectError
@@ -91,10 +92,50 @@ def test_lora_and_full_fine_tuning_learn_the_task(tmp_path, cache_dir, method):
         assert summary["trainable_share"] == 1.0 and (tmp_path / "model" / "config.json").exists()
 
 
-def test_merged_export_is_written_on_request(tmp_path, cache_dir):
-    train.train_and_evaluate(small(cache_dir, **{"export.merged": True}), tmp_path)
+def test_magnitude_only_run_with_group_rates_exports_a_merged_model_equal_to_its_adapter(tmp_path, cache_dir):
+    # The paper's Table 6 placement with LoRA+ and a faster magnitude, merged export on request.
+    variant = {
+        "adapter.targets": r".*/(q_proj|k_proj|v_proj)/kernel",
+        "adapter.magnitude_targets": r".*/(o_proj|gate_proj|up_proj|down_proj)/kernel",
+        "train.loraplus_ratio": 4.0,
+        "train.magnitude_lr_ratio": 2.0,
+        "export.merged": True,
+    }
+    summary = train.train_and_evaluate(small(cache_dir, **variant), tmp_path)
+    assert summary["after"]["loss"] < summary["before"]["loss"]
     model, merged = io.load_hf(tmp_path / "merged")
-    assert model.config.num_hidden_layers == 2 and jax.tree.leaves(merged)
+    _, params = io.load_hf(base_model.synthetic_base_dir(small(cache_dir)))
+    adapters, cfg = io.import_peft(tmp_path / "adapter", params, model=model)
+    assert cfg.magnitude_targets == r".*/(down_proj|gate_proj|o_proj|up_proj)/kernel"
+    assert set(adapters["layers_0"]["mlp"]["up_proj"]["kernel"]) == {"m"}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), merged, dj.merge(params, adapters, cfg))
+
+
+@pytest.mark.parametrize("method", ["vera", "dvora"])
+def test_vera_and_dvora_train_from_the_cli_and_export(tmp_path, cache_dir, method):
+    exports = {"export.peft": method == "vera", "export.merged": method == "dvora"}  # PEFT has no DVoRA
+    summary = train.train_and_evaluate(small(cache_dir, **{"adapter.method": method, **exports}), tmp_path)
+    assert summary["method"] == method and summary["after"]["loss"] < summary["before"]["loss"]
+    model, params = io.load_hf(base_model.synthetic_base_dir(small(cache_dir)))
+    if method == "vera":
+        adapters, cfg = io.import_peft(tmp_path / "adapter", params, model=model)
+        assert cfg.method == "vera" and set(adapters["layers_0"]["self_attn"]["q_proj"]["kernel"]) == {
+            "lambda_d",
+            "lambda_b",
+        }
+    else:
+        _, merged = io.load_hf(tmp_path / "merged")
+        assert not (tmp_path / "adapter").exists()
+        changed = (
+            merged["layers_0"]["self_attn"]["q_proj"]["kernel"] - params["layers_0"]["self_attn"]["q_proj"]["kernel"]
+        )
+        assert float(np.abs(changed).max()) > 0
+
+
+def test_dvora_with_a_peft_export_is_refused_before_the_run(tmp_path, cache_dir):
+    with pytest.raises(ConfigError, match=r"adapter.method='dvora' with export.peft=True: PEFT has no DVoRA"):
+        train.train_and_evaluate(small(cache_dir, **{"adapter.method": "dvora"}), tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 def test_gradient_accumulation_matches_the_full_batch(cache_dir):
@@ -141,7 +182,7 @@ def test_unknown_config_key_names_the_valid_keys(tmp_path, cache_dir):
 
 
 def test_unknown_method_lists_the_choices(tmp_path, cache_dir):
-    with pytest.raises(ConfigError, match=r"AdapterConfig.method: expected one of 'dora', 'lora'; got 'ia3'"):
+    with pytest.raises(ConfigError, match=r"AdapterConfig.method: expected one of 'dora', 'lora', .*; got 'ia3'"):
         train.train_and_evaluate(small(cache_dir, **{"adapter.method": "ia3"}), tmp_path)
 
 

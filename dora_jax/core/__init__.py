@@ -5,6 +5,7 @@ from dora_jax.core.adapters import (
     check_adapter,
     init_adapter,
     init_adapters,
+    init_magnitude,
     is_adapter,
     matched_entries,
     merge,
@@ -19,6 +20,7 @@ from dora_jax.core.dora import (
     factored_dense,
     folded_dense,
     kernel_layout,
+    magnitude_dense,
     merge_kernel,
 )
 
@@ -35,8 +37,10 @@ __all__ = [
     "folded_dense",
     "init_adapter",
     "init_adapters",
+    "init_magnitude",
     "is_adapter",
     "kernel_layout",
+    "magnitude_dense",
     "matched_entries",
     "merge",
     "merge_kernel",

@@ -2,7 +2,10 @@
 
 An adapters tree mirrors the params tree but holds only the targeted kernels; at each one a
 dict ``{"a": (*in_shape, r), "b": (r, *out_shape), "m": out_shape}`` ("m" only for DoRA).
-For a Flax (d_in, d_out) kernel that is A (d_in, r), B (r, d_out), m (d_out,).
+For a Flax (d_in, d_out) kernel that is A (d_in, r), B (r, d_out), m (d_out,). A magnitude
+target (``AdapterConfig.magnitude_targets``) holds ``{"m": out_shape}`` alone. VeRA and DVoRA
+targets hold ``{"lambda_d": (r,), "lambda_b": out_shape[, "m"]}``, and the tree holds the shared
+projections once, under ``core.vera.PROJECTION``.
 """
 
 from __future__ import annotations
@@ -15,16 +18,21 @@ import jax
 import jax.numpy as jnp
 
 from dora_jax import targets
+from dora_jax.core import vera
 from dora_jax.core.config import AdapterConfig
 from dora_jax.core.dora import Adapter, column_norm, kernel_layout, merge_kernel
-from dora_jax.errors import ShapeError, TargetError
+from dora_jax.errors import ConfigError, ShapeError, TargetError
 
-ADAPTER_KEYS = frozenset({"a", "b", "m"})
+ADAPTER_KEYS = frozenset({"a", "b", "m", "lambda_d", "lambda_b"})
 
 
 def is_adapter(node: Any) -> bool:
-    """True for the ``{"a", "b"[, "m"]}`` dict that adapts one kernel."""
-    return isinstance(node, Mapping) and "a" in node and "b" in node and set(node) <= ADAPTER_KEYS
+    """True for the dict that adapts one kernel: ``{"a", "b"[, "m"]}``, ``{"lambda_d", "lambda_b"[, "m"]}``
+    (VeRA, DVoRA) or ``{"m"}`` (magnitude only)."""
+    if not isinstance(node, Mapping) or not set(node) <= ADAPTER_KEYS:
+        return False
+    leaves = not any(isinstance(value, Mapping) for value in node.values())  # not a module that happens to be named "m"
+    return leaves and set(node) - {"m"} in ({"a", "b"}, {"lambda_d", "lambda_b"}, set()) and bool(node)
 
 
 def adapter_entries(adapters: Any) -> dict[str, Adapter]:
@@ -41,12 +49,17 @@ def init_adapter(rng: jax.Array, kernel: jax.Array, cfg: AdapterConfig, path: st
             "can be adapted (does the target pattern end in '/kernel'?)"
         )
     layout = kernel_layout(kernel.shape, cfg.axes_for(path, tuple(kernel.shape)))
+    dtype = jnp.dtype(cfg.dtype)
+    if cfg.vector_based:  # the rank of shared random projections may exceed a layer's dimensions
+        adapter = vera.init_vectors(cfg.rank, layout.out_shape, cfg.d_initial, dtype)
+        if cfg.decomposed:
+            adapter["m"] = column_norm(layout.to_matrix(kernel)).reshape(layout.out_shape).astype(dtype)
+        return adapter
     if cfg.rank > min(layout.d_in, layout.d_out):
         raise ShapeError(
             f"AdapterConfig.rank={cfg.rank} exceeds min(d_in, d_out)={min(layout.d_in, layout.d_out)} "
             f"for {path!r} (d_in={layout.d_in}, d_out={layout.d_out})"
         )
-    dtype = jnp.dtype(cfg.dtype)
     shapes = layout.adapter_shapes(cfg.rank)
     if cfg.init == "kaiming_uniform":
         # PEFT: kaiming_uniform_(a=sqrt(5)) on the (r, d_in) weight, i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)).
@@ -60,26 +73,69 @@ def init_adapter(rng: jax.Array, kernel: jax.Array, cfg: AdapterConfig, path: st
     return adapter
 
 
+def init_magnitude(kernel: jax.Array, cfg: AdapterConfig, path: str = "kernel") -> Adapter:
+    """The adapter of a magnitude-only module: ``{"m": ||W0||_c}``, so W' == W0 at init."""
+    if kernel.ndim < 2:
+        raise ShapeError(
+            f"magnitude target {path!r} has shape {tuple(kernel.shape)}: only kernels with at least two axes "
+            "can be adapted (does the pattern end in '/kernel'?)"
+        )
+    layout = kernel_layout(kernel.shape, cfg.axes_for(path, tuple(kernel.shape)))
+    return {"m": column_norm(layout.to_matrix(kernel)).reshape(layout.out_shape).astype(jnp.dtype(cfg.dtype))}
+
+
 def init_adapters(rng: jax.Array, params: Any, cfg: AdapterConfig) -> dict[str, Any]:
-    """Adapters for every leaf of ``params`` that ``cfg.targets`` selects.
+    """Adapters for every leaf of ``params`` that ``cfg.targets`` selects, and a magnitude for each
+    leaf ``cfg.magnitude_targets`` selects (a leaf both select is a ConfigError naming it).
 
     Each target's key is derived from ``rng`` and its path, so adding a target leaves the
     initial values of the others unchanged.
     """
     selected = targets.select(params, cfg.target_patterns)
+    magnitudes = targets.select(params, cfg.magnitude_patterns) if cfg.magnitude_patterns else {}
+    both = [path for path in magnitudes if path in selected]
+    if both:
+        raise ConfigError(
+            f"AdapterConfig: {both} match both targets and magnitude_targets; a magnitude-only module "
+            "trains no A and B, so the two sets must be disjoint"
+        )
     flat = {
         path: init_adapter(jax.random.fold_in(rng, zlib.crc32(path.encode())), kernel, cfg, path)
-        for path, kernel in selected.items()
+        if path in selected
+        else init_magnitude(kernel, cfg, path)
+        for path, kernel in targets.leaves_by_path(params).items()
+        if path in selected or path in magnitudes
     }
-    return targets.nest(flat)
+    adapters = targets.nest(flat)
+    if cfg.vector_based:
+        if vera.PROJECTION in adapters:
+            raise ConfigError(f"a target's path starts with {vera.PROJECTION!r}, the key VeRA keeps its projections at")
+        layouts = [kernel_layout(k.shape, cfg.axes_for(p, tuple(k.shape))) for p, k in selected.items()]
+        shapes = [(layout.d_in, layout.d_out) for layout in layouts]
+        adapters[vera.PROJECTION] = vera.init_projection(cfg.projection_seed, cfg.rank, shapes, jnp.dtype(cfg.dtype))
+    return adapters
 
 
 def check_adapter(path: str, kernel: jax.Array, adapter: Adapter, cfg: AdapterConfig) -> None:
     """Raises ShapeError when ``adapter`` does not fit ``kernel`` under ``cfg``."""
     layout = kernel_layout(kernel.shape, cfg.axes_for(path, tuple(kernel.shape)))
+    if "lambda_d" in adapter:
+        _check_vectors(path, kernel, adapter, cfg, layout)
+        return
+    if "a" not in adapter:  # magnitude only
+        if cfg.method != "dora":
+            raise ShapeError(f"adapter for {path!r} holds a magnitude alone, which only method='dora' can use")
+        if tuple(adapter["m"].shape) != layout.out_shape:
+            raise ShapeError(
+                f"adapter {path}/m has shape {tuple(adapter['m'].shape)}; the kernel of shape "
+                f"{tuple(kernel.shape)} needs {layout.out_shape}"
+            )
+        return
+    if cfg.vector_based:
+        raise ShapeError(f"adapter for {path!r} holds A and B; method={cfg.method!r} trains lambda_d and lambda_b")
     rank = adapter["a"].shape[-1]
     expected = layout.adapter_shapes(rank)
-    if cfg.method == "lora":
+    if not cfg.decomposed:
         expected.pop("m")
     elif "m" not in adapter:
         raise ShapeError(f"adapter for {path!r} has no magnitude 'm', which method='dora' needs")
@@ -88,6 +144,42 @@ def check_adapter(path: str, kernel: jax.Array, adapter: Adapter, cfg: AdapterCo
             raise ShapeError(
                 f"adapter {path}/{key} has shape {tuple(adapter[key].shape)}; the kernel of shape "
                 f"{tuple(kernel.shape)} with rank {rank} needs {shape}"
+            )
+
+
+def _check_vectors(path: str, kernel: jax.Array, adapter: Adapter, cfg: AdapterConfig, layout: Any) -> None:
+    if not cfg.vector_based:
+        raise ShapeError(f"adapter for {path!r} holds VeRA's lambda_d, lambda_b; method={cfg.method!r} uses A, B")
+    expected = {"lambda_d": (cfg.rank,), "lambda_b": layout.out_shape}
+    if cfg.decomposed:
+        expected["m"] = layout.out_shape
+    for key, shape in expected.items():
+        if key not in adapter:
+            raise ShapeError(f"adapter for {path!r} has no {key!r}, which method={cfg.method!r} needs")
+        if tuple(adapter[key].shape) != shape:
+            raise ShapeError(
+                f"adapter {path}/{key} has shape {tuple(adapter[key].shape)}; the kernel of shape "
+                f"{tuple(kernel.shape)} with rank {cfg.rank} needs {shape}"
+            )
+
+
+def _check_projection(adapters: Any, entries: dict[str, Adapter], leaves: dict[str, Any], cfg: AdapterConfig) -> None:
+    """The shared projections exist and cover every VeRA target: (>= d_in, r) and (r, >= d_out)."""
+    projection = vera.projection_of(adapters)
+    if projection is None or set(projection) != set(vera.PROJECTION_KEYS):
+        raise ShapeError(
+            f"method={cfg.method!r} needs the shared projections at adapters[{vera.PROJECTION!r}] "
+            f"with keys {list(vera.PROJECTION_KEYS)} (dj.init_adapters makes them)"
+        )
+    shared_a, shared_b = (projection[k].shape for k in vera.PROJECTION_KEYS)
+    for path in entries:
+        layout = kernel_layout(leaves[path].shape, cfg.axes_for(path, tuple(leaves[path].shape)))
+        covered = shared_a[0] >= layout.d_in and shared_b[1] >= layout.d_out
+        if not covered or cfg.rank != shared_a[1] or cfg.rank != shared_b[0]:
+            raise ShapeError(
+                f"the shared projections {shared_a} and {shared_b} do not cover {path!r} (d_in={layout.d_in}, "
+                f"d_out={layout.d_out}, r={cfg.rank}): they need at least ({layout.d_in}, {cfg.rank}) and "
+                f"({cfg.rank}, {layout.d_out})"
             )
 
 
@@ -102,6 +194,8 @@ def matched_entries(params: Any, adapters: Any, cfg: AdapterConfig) -> dict[str,
         )
     for path, adapter in entries.items():
         check_adapter(path, leaves[path], adapter, cfg)
+    if cfg.vector_based:
+        _check_projection(adapters, {p: a for p, a in entries.items() if "lambda_d" in a}, leaves, cfg)
     return entries
 
 
@@ -112,11 +206,12 @@ def merge(params: Any, adapters: Any, cfg: AdapterConfig) -> Any:
     models reach servers that do not load adapters.
     """
     entries = matched_entries(params, adapters, cfg)
+    projection = vera.projection_of(adapters)
 
     def replace(keypath: Any, leaf: jax.Array) -> jax.Array:
         path = targets.path_str(keypath)
         if path not in entries:
             return leaf
-        return merge_kernel(leaf, entries[path], cfg, cfg.axes_for(path, tuple(leaf.shape)))
+        return merge_kernel(leaf, entries[path], cfg, cfg.axes_for(path, tuple(leaf.shape)), projection)
 
     return jax.tree_util.tree_map_with_path(replace, params)

@@ -13,7 +13,9 @@ import numpy as np
 
 from dora_jax.errors import ConfigError, ShapeError
 
-METHODS = ("dora", "lora")
+METHODS = ("dora", "lora", "vera", "dvora")
+DECOMPOSED = ("dora", "dvora")  # methods with a trained magnitude m
+VECTOR_BASED = ("vera", "dvora")  # methods whose update is VeRA's: shared frozen projections, trained vectors
 NORM_GRADS = ("exact", "detach")
 INITS = ("kaiming_uniform", "gaussian")
 FORWARDS = ("factored", "folded")
@@ -39,11 +41,19 @@ class AdapterConfig:
     """What to adapt and how; hashable, so it can be a static argument of ``jax.jit``.
 
     Fields:
-      method: "dora" (magnitude x low-rank-adapted direction) or "lora" (additive low rank).
+      method: "dora" (magnitude x low-rank-adapted direction), "lora" (additive low rank), "vera"
+        (VeRA: W0 + (A_s diag(lambda_d)) (B_s diag(lambda_b)) with A, B frozen random projections
+        shared by every target and sliced to its shape, lambda_d (r,) and lambda_b (d_out,) trained)
+        or "dvora" (DoRA's magnitude and normalised direction over VeRA's update).
       rank: r, the inner dimension of A (d_in, r) and B (r, d_out).
-      alpha: the LoRA scale numerator; s = alpha / r, or alpha / sqrt(r) with ``rslora``.
+      alpha: the LoRA scale numerator; s = alpha / r, or alpha / sqrt(r) with ``rslora``. VeRA and
+        DVoRA have no scale (s = 1, as PEFT's VeRA).
       targets: regex (or several) matched in full against '/'-joined leaf paths, e.g.
         r".*/(query|value)/kernel". Each pattern must match at least one leaf.
+      magnitude_targets: regex (or several) naming kernels that train the magnitude only (DoRA
+        paper section 5.6): their adapter is ``{"m"}`` and the layer computes
+        ``(m / ||W0||_c) * (x @ W0) + bias``. "" (the default) or () for none. Needs
+        method="dora"; a leaf may not be both a target and a magnitude target.
       dropout: dropout rate on the low-rank branch input during training (0 disables it).
       norm_grad: "exact" differentiates through the column norm; "detach" treats it as a
         constant in backprop (DoRA paper section 4.3, what PEFT does).
@@ -59,6 +69,9 @@ class AdapterConfig:
         a custom VJP gives the A, B, m gradients without the weight-gradient matmul; two fewer
         passes over the activations per layer, for one transient kernel per layer (see
         ``core.dora.folded_dense``). Same values and gradients; merge paths ignore it.
+      projection_seed: VeRA / DVoRA: the seed of the shared projections (PEFT's projection_prng_key).
+      d_initial: VeRA / DVoRA: the initial value of every lambda_d entry (PEFT's d_initial);
+        lambda_b starts at zero, so W' == W0 at init.
       fallback: what ``inject`` does with a target no Dense/DenseGeneral/Einsum call can route
         (a custom layer, a custom dot_general, ...): "merge" builds its W' into the params (same
         result, the cost the factored forward avoids; ``merged_targets`` lists them), "error"
@@ -69,6 +82,7 @@ class AdapterConfig:
     rank: int = 8
     alpha: float = 16.0
     targets: str | tuple[str, ...]
+    magnitude_targets: str | tuple[str, ...] = ""
     dropout: float = 0.0
     norm_grad: str = "detach"
     rslora: bool = False
@@ -77,6 +91,8 @@ class AdapterConfig:
     input_axes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     forward: str = "factored"
     fallback: str = "merge"
+    projection_seed: int = 0
+    d_initial: float = 0.1
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -97,9 +113,20 @@ class AdapterConfig:
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ConfigError(f"AdapterConfig.dropout: expected a rate in [0, 1); got {self.dropout!r}")
         object.__setattr__(self, "dropout", float(self.dropout))
+        if isinstance(self.projection_seed, bool) or not isinstance(self.projection_seed, (int, np.integer)):
+            raise ConfigError(f"AdapterConfig.projection_seed: expected an integer; got {self.projection_seed!r}")
+        object.__setattr__(self, "projection_seed", int(self.projection_seed))
+        if (
+            isinstance(self.d_initial, bool)
+            or not isinstance(self.d_initial, (int, float, np.number))
+            or not math.isfinite(self.d_initial)
+        ):
+            raise ConfigError(f"AdapterConfig.d_initial: expected a finite number; got {self.d_initial!r}")
+        object.__setattr__(self, "d_initial", float(self.d_initial))
         if not isinstance(self.rslora, bool):
             raise ConfigError(f"AdapterConfig.rslora: expected True or False; got {self.rslora!r}")
         self._normalise_targets()
+        self._normalise_magnitude_targets()
         self._normalise_dtype()
         self._normalise_input_axes()
 
@@ -116,6 +143,24 @@ class AdapterConfig:
         for pattern in targets:
             _regex("targets", pattern)
         object.__setattr__(self, "targets", targets[0] if len(targets) == 1 else targets)
+
+    def _normalise_magnitude_targets(self) -> None:
+        patterns = (self.magnitude_targets,) if isinstance(self.magnitude_targets, str) else self.magnitude_targets
+        try:
+            patterns = tuple(p for p in patterns if p != "")
+        except TypeError:
+            raise ConfigError(
+                "AdapterConfig.magnitude_targets: expected a regex, a sequence of regexes or '' for none; "
+                f"got {self.magnitude_targets!r}"
+            ) from None
+        for pattern in patterns:
+            _regex("magnitude_targets", pattern)
+        if patterns and self.method != "dora":
+            raise ConfigError(
+                f"AdapterConfig.magnitude_targets={self.magnitude_targets!r} needs method='dora' (a magnitude-only "
+                f"module trains DoRA's m); got method={self.method!r}"
+            )
+        object.__setattr__(self, "magnitude_targets", patterns[0] if len(patterns) == 1 else patterns or "")
 
     def _normalise_dtype(self) -> None:
         try:
@@ -150,12 +195,31 @@ class AdapterConfig:
 
     @property
     def scale(self) -> float:
-        """s in W0 + s * A @ B: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+        """s in W0 + s * A @ B: alpha / r, or alpha / sqrt(r) for rsLoRA; 1 for VeRA and DVoRA."""
+        if self.vector_based:
+            return 1.0
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    @property
+    def decomposed(self) -> bool:
+        """Whether the method trains a magnitude m (DoRA, DVoRA)."""
+        return self.method in DECOMPOSED
+
+    @property
+    def vector_based(self) -> bool:
+        """Whether the update is VeRA's (shared frozen projections, trained lambda_d and lambda_b)."""
+        return self.method in VECTOR_BASED
 
     @property
     def target_patterns(self) -> tuple[str, ...]:
         return (self.targets,) if isinstance(self.targets, str) else self.targets
+
+    @property
+    def magnitude_patterns(self) -> tuple[str, ...]:
+        """The magnitude-only patterns as a tuple, () when there are none."""
+        if isinstance(self.magnitude_targets, str):
+            return (self.magnitude_targets,) if self.magnitude_targets else ()
+        return self.magnitude_targets
 
     def axes_for(self, path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The input (contracted) axes of the kernel at ``path``, normalised to be non-negative."""
@@ -182,6 +246,8 @@ class AdapterConfig:
         """Plain JSON-able dict of the fields (inverse of ``from_dict``)."""
         out = dataclasses.asdict(self)
         out["targets"] = list(self.target_patterns) if len(self.target_patterns) > 1 else self.targets
+        patterns = self.magnitude_patterns
+        out["magnitude_targets"] = list(patterns) if len(patterns) > 1 else self.magnitude_targets
         out["input_axes"] = {pattern: list(axes) for pattern, axes in self.input_axes}
         return out
 
@@ -195,8 +261,9 @@ class AdapterConfig:
         if unknown:
             raise ConfigError(f"AdapterConfig: unknown field(s) {unknown}; valid fields: {fields}")
         kwargs = dict(values)
-        if isinstance(kwargs.get("targets"), list):
-            kwargs["targets"] = tuple(kwargs["targets"])
+        for key in ("targets", "magnitude_targets"):
+            if isinstance(kwargs.get(key), list):
+                kwargs[key] = tuple(kwargs[key])
         if "input_axes" in kwargs and isinstance(kwargs["input_axes"], Mapping):
             kwargs["input_axes"] = tuple(kwargs["input_axes"].items())
         return cls(**kwargs)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dora_jax.core import vera
 from dora_jax.core.config import AdapterConfig
 
 Adapter = dict[str, jax.Array]
@@ -61,10 +62,20 @@ class KernelLayout:
         """Shapes of A, B and m for this kernel: (*in_shape, r), (r, *out_shape), out_shape."""
         return {"a": self.in_shape + (rank,), "b": (rank,) + self.out_shape, "m": self.out_shape}
 
-    def adapter_matrices(self, adapter: Adapter) -> Adapter:
-        """A as (d_in, r), B as (r, d_out) and m as (d_out,)."""
-        rank = adapter["a"].shape[-1]
-        out = {"a": adapter["a"].reshape(self.d_in, rank), "b": adapter["b"].reshape(rank, self.d_out)}
+    def adapter_matrices(self, adapter: Adapter, projection: Adapter | None = None) -> Adapter:
+        """A as (d_in, r), B as (r, d_out) and m as (d_out,) (a magnitude-only adapter has m alone).
+
+        A VeRA / DVoRA adapter (``lambda_d``, ``lambda_b``) is expanded with the shared ``projection``
+        (``core.vera.expand``): A and B are then the scaled slices of the projections.
+        """
+        out = {}
+        if "a" in adapter:
+            rank = adapter["a"].shape[-1]
+            out = {"a": adapter["a"].reshape(self.d_in, rank), "b": adapter["b"].reshape(rank, self.d_out)}
+        elif "lambda_d" in adapter:
+            if projection is None:
+                raise ValueError("a VeRA / DVoRA adapter needs the shared projections (adapters['vera_projection'])")
+            out["a"], out["b"] = vera.expand(adapter, projection, self.d_in, self.d_out)
         if "m" in adapter:
             out["m"] = adapter["m"].reshape(self.d_out)
         return out
@@ -121,9 +132,13 @@ def low_rank_sum(w0: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax
 
 
 def merged_matrix(w0: jax.Array, adapter: Adapter, cfg: AdapterConfig) -> jax.Array:
-    """W' for a (d_in, d_out) kernel and matrix-shaped adapter, in the norm dtype."""
-    w = low_rank_sum(w0, adapter["a"], adapter["b"], cfg.scale)
-    if cfg.method == "lora":
+    """W' for a (d_in, d_out) kernel and matrix-shaped adapter, in the norm dtype; a magnitude-only
+    adapter (``{"m"}``) gives ``m * W0 / ||W0||_c``."""
+    if "a" in adapter:
+        w = low_rank_sum(w0, adapter["a"], adapter["b"], cfg.scale)
+    else:
+        w = w0.astype(norm_dtype(w0.dtype, adapter["m"].dtype))
+    if not cfg.decomposed:
         return w
     norm = column_norm(w)
     if cfg.norm_grad == "detach":
@@ -132,11 +147,16 @@ def merged_matrix(w0: jax.Array, adapter: Adapter, cfg: AdapterConfig) -> jax.Ar
 
 
 def merge_kernel(
-    kernel: jax.Array, adapter: Adapter, cfg: AdapterConfig, input_axes: tuple[int, ...] = (0,)
+    kernel: jax.Array,
+    adapter: Adapter,
+    cfg: AdapterConfig,
+    input_axes: tuple[int, ...] = (0,),
+    projection: Adapter | None = None,
 ) -> jax.Array:
-    """The adapted kernel W' = m * (W0 + sAB) / ||W0 + sAB||_c (DoRA) or W0 + sAB (LoRA)."""
+    """The adapted kernel W' = m * (W0 + sAB) / ||W0 + sAB||_c (DoRA; m * W0 / ||W0||_c for a
+    magnitude-only adapter) or W0 + sAB (LoRA)."""
     layout = kernel_layout(kernel.shape, input_axes)
-    merged = merged_matrix(layout.to_matrix(kernel), layout.adapter_matrices(adapter), cfg)
+    merged = merged_matrix(layout.to_matrix(kernel), layout.adapter_matrices(adapter, projection), cfg)
     return layout.from_matrix(merged.astype(kernel.dtype))
 
 
@@ -171,13 +191,15 @@ def factored_dense(
     ``W0`` and ``B`` instead of to the output gradient: autodiff of the plain expression spends
     a pass over an ``N x d_out`` array on each (see ``_factored_backward``).
     """
+    if "a" not in adapter:
+        return magnitude_dense(x, w0, adapter["m"], cfg, bias=bias, precision=precision)
     # Leading axes are flattened: with (batch, seq, d) operands XLA:CPU contracts the low-rank
     # gradients over two axes through a slow transposed copy (1.6x the step time of a 2-D matmul).
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
     branch = low_rank_dropout(x, cfg.dropout, dropout_rng)
-    mode = "lora" if cfg.method == "lora" else cfg.norm_grad
-    magnitude = adapter["m"] if cfg.method == "dora" else None
+    mode = cfg.norm_grad if cfg.decomposed else "lora"
+    magnitude = adapter["m"] if cfg.decomposed else None
     y = _factored(x, branch, w0, adapter["a"], adapter["b"], magnitude, cfg.scale, mode, precision)
     if bias is not None:
         y = y + bias
@@ -284,10 +306,10 @@ def folded_dense(
     built per layer and call. With dropout active the branch input differs from ``x``: that call
     takes ``factored_dense``. Gradients equal the factored path's (to rounding) for x, W0, A, B, m.
     """
-    if cfg.dropout > 0 and dropout_rng is not None:
+    if (cfg.dropout > 0 and dropout_rng is not None) or "a" not in adapter:
         return factored_dense(x, w0, adapter, cfg, bias=bias, dropout_rng=dropout_rng, precision=precision)
     lead = x.shape[:-1]
-    mode = "lora" if cfg.method == "lora" else cfg.norm_grad
+    mode = cfg.norm_grad if cfg.decomposed else "lora"
     y = _folded_matmul(
         x.reshape(-1, x.shape[-1]), w0, adapter["a"], adapter["b"], adapter.get("m"), cfg.scale, mode, precision
     )
@@ -349,3 +371,52 @@ def _folded_backward(scale, mode, precision, residuals, g):
 
 
 _folded_matmul.defvjp(_folded_forward, _folded_backward)
+
+
+def magnitude_dense(
+    x: jax.Array,
+    w0: jax.Array,
+    magnitude: jax.Array,
+    cfg: AdapterConfig,
+    *,
+    bias: jax.Array | None = None,
+    precision: Any = None,
+) -> jax.Array:
+    """A magnitude-only module: ``y = (m / ||W0||_c) * (x @ W0) + bias``, the layer's one matmul.
+
+    The DoRA paper's cheapest setting (section 5.6) trains ``m`` alone on some modules. The
+    backward (a custom VJP) applies ``m / n`` to ``W0`` rather than to the output gradient, as
+    ``factored_dense`` does: ``dx = g (W0 m/n)^T``, ``dm = sum_N(g * (x W0)) / n``.
+    """
+    lead = x.shape[:-1]
+    y = _magnitude_matmul(x.reshape(-1, x.shape[-1]), w0, magnitude, cfg.norm_grad, precision)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, y.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _magnitude_matmul(x, w0, m, mode, precision):
+    return _magnitude_forward(x, w0, m, mode, precision)[0]
+
+
+def _magnitude_forward(x, w0, m, mode, precision):
+    z = jnp.matmul(x, w0.astype(x.dtype), precision=precision)
+    norm = column_norm(w0)
+    return z * (m.astype(norm.dtype) / norm).astype(x.dtype), (x, w0, m, z)
+
+
+def _magnitude_backward(mode, precision, residuals, g):
+    x, w0, m, z = residuals
+    norm = column_norm(_after(w0, g))  # rebuilt once g exists (see _after), not held from the forward
+    wide = norm.dtype
+    column_scale = m.astype(wide) / norm
+    dx = jnp.matmul(g, _scaled(w0, column_scale).astype(x.dtype).T, precision=precision)
+    d_column_scale = jnp.sum(g.astype(wide) * z.astype(wide), axis=0)
+    dw0 = jnp.matmul(x.T, g, precision=precision, preferred_element_type=wide) * column_scale  # dead: W0 is frozen
+    if mode == "exact":  # through n = ||W0||_c
+        dw0 = dw0 - w0.astype(wide) * (d_column_scale * m.astype(wide) / (norm * norm * norm))
+    return dx, dw0.astype(w0.dtype), (d_column_scale / norm).astype(m.dtype)
+
+
+_magnitude_matmul.defvjp(_magnitude_forward, _magnitude_backward)
