@@ -6,10 +6,11 @@
 (``nn.intercept_methods``) and computed as ``(m/n)(x @ W0 + s drop(x) @ A @ B) + bias``, so the
 adapted kernel W' is never built on the training path (``AdapterConfig.forward="folded"`` routes
 the calls through ``folded_dense`` instead: W0 + s A B built one layer at a time, the low-rank
-gradients from a custom VJP). A targeted leaf that no such call reads
-(a custom layer, a Dense with a custom ``dot_general``, a DenseGeneral with ``batch_dims``, an
-input-axes rule the layer does not contract) is merged into the params instead, so the result
-is the same either way; ``fallback="error"`` turns that into an InjectError.
+gradients from a custom VJP). A targeted ``nn.Embed`` table is routed through ``core.embed`` (the
+lookup and ``attend``, a tied head). A targeted leaf that no such call reads (a custom layer, a
+Dense with a custom ``dot_general``, a DenseGeneral with ``batch_dims``, an input-axes rule the
+layer does not contract), or that one of its calls cannot route, is merged into the params
+instead, so the result is the same either way; ``fallback="error"`` turns that into an InjectError.
 
 Finding which targets are intercepted costs one abstract trace of the model
 (``jax.eval_shape``) per call, i.e. per compilation under ``jax.jit``.
@@ -29,7 +30,16 @@ from flax.linen.dtypes import promote_dtype
 from opt_einsum import parser as einsum_parser
 
 from dora_jax import targets
-from dora_jax.core import AdapterConfig, factored_dense, folded_dense, kernel_layout, matched_entries, merge, vera
+from dora_jax.core import (
+    AdapterConfig,
+    embed,
+    factored_dense,
+    folded_dense,
+    kernel_layout,
+    matched_entries,
+    merge,
+    vera,
+)
 from dora_jax.core.config import FALLBACKS
 from dora_jax.core.dora import Adapter
 from dora_jax.errors import ConfigError, InjectError
@@ -45,7 +55,7 @@ def _custom_dot(module: nn.Module) -> bool:
 
 
 # A handler returns the layer's output, or a string: why the call cannot take the adapted forward.
-def _dense(module, args, kwargs, kernel, bias, axes, route):
+def _dense(module, args, kwargs, kernel, bias, axes, layer):
     if _custom_dot(module):
         return "its nn.Dense has a custom dot_general"
     if len(args) != 1 or kwargs:
@@ -53,10 +63,10 @@ def _dense(module, args, kwargs, kernel, bias, axes, route):
     if axes != (0,):
         return f"input_axes {axes} differ from nn.Dense's contraction over axis 0"
     x, _, bias = _promote(module, args[0], kernel, bias)
-    return route(x, kernel, bias, module.precision)
+    return layer.dense(x, kernel, bias, module.precision)
 
 
-def _dense_general(module, args, kwargs, kernel, bias, axes, route):
+def _dense_general(module, args, kwargs, kernel, bias, axes, layer):
     if _custom_dot(module):
         return "its nn.DenseGeneral has a custom dot_general"
     if module.batch_dims:
@@ -72,7 +82,7 @@ def _dense_general(module, args, kwargs, kernel, bias, axes, route):
     moved = jnp.moveaxis(x, contract, range(x.ndim - len(contract), x.ndim))
     batch_shape = moved.shape[: x.ndim - len(contract)]
     layout = kernel_layout(kernel.shape, axes)
-    y = route(
+    y = layer.dense(
         moved.reshape(batch_shape + (layout.d_in,)),
         kernel.reshape(layout.d_in, layout.d_out),
         None if bias is None else bias.reshape(layout.d_out),
@@ -81,7 +91,7 @@ def _dense_general(module, args, kwargs, kernel, bias, axes, route):
     return y.reshape(batch_shape + layout.out_shape)
 
 
-def _einsum(module, args, kwargs, kernel, bias, axes, route):
+def _einsum(module, args, kwargs, kernel, bias, axes, layer):
     if getattr(module, "preferred_element_type", None) is not None:
         return "its nn.Einsum sets preferred_element_type"
     if len(args) > 2:
@@ -110,18 +120,56 @@ def _einsum(module, args, kwargs, kernel, bias, axes, route):
     kept = "".join(kept)
     x2 = jnp.einsum(f"{x_spec}->{kept}{in_letters}", x)
     batch_shape = x2.shape[: len(kept)]
-    y = route(x2.reshape(batch_shape + (layout.d_in,)), layout.to_matrix(kernel), None, module.precision)
+    y = layer.dense(x2.reshape(batch_shape + (layout.d_in,)), layout.to_matrix(kernel), None, module.precision)
     y = jnp.einsum(f"{kept}{out_letters}->{result}", y.reshape(batch_shape + layout.out_shape))
     if bias is not None:
         y = y + bias.reshape([kernel.shape[w_spec.index(c)] if c in w_spec else 1 for c in result])
     return y
 
 
-_HANDLERS: tuple[tuple[type, Callable], ...] = (
-    (nn.Dense, _dense),
-    (nn.DenseGeneral, _dense_general),
-    (nn.Einsum, _einsum),
+def _embed_call(module, args, kwargs, table, bias, axes, layer):
+    if axes != (0,):
+        return f"input_axes {axes} differ from nn.Embed's vocabulary axis (0,)"
+    if len(args) != 1 or kwargs or module.num_embeddings == 1:
+        return "its nn.Embed is called with extra arguments or has one embedding"
+    dtype = module.promote_dtype(table, dtype=module.dtype, inexact=False)[0].dtype
+    return layer.lookup(args[0], table, dtype)
+
+
+def _embed_attend(module, args, kwargs, table, bias, axes, layer):
+    if axes != (0,):
+        return f"input_axes {axes} differ from nn.Embed's vocabulary axis (0,)"
+    if len(args) != 1 or kwargs:
+        return "its nn.Embed.attend is called with extra arguments"
+    query, promoted = module.promote_dtype(args[0], table, dtype=module.dtype)
+    return layer.attend(query, table).astype(promoted.dtype)
+
+
+# Per layer type: the leaf it adapts and a handler per method that reads it. A method of a targeted
+# layer without a handler (other than setup) marks the leaf unroutable: it is merged instead.
+_HANDLERS: tuple[tuple[type, str, dict[str, Callable]], ...] = (
+    (nn.Dense, "kernel", {"__call__": _dense}),
+    (nn.DenseGeneral, "kernel", {"__call__": _dense_general}),
+    (nn.Einsum, "kernel", {"__call__": _einsum}),
+    (nn.Embed, "embedding", {"__call__": _embed_call, "attend": _embed_attend}),
 )
+
+
+class _Adapted:
+    """One targeted layer's adapter in matrix form, with the forwards its handlers call."""
+
+    def __init__(self, matrices: Adapter, cfg: AdapterConfig, dropout_rng: jax.Array | None):
+        self.matrices, self.cfg, self.dropout_rng = matrices, cfg, dropout_rng
+
+    def dense(self, x, w0, bias, precision):
+        dense = folded_dense if self.cfg.forward == "folded" else factored_dense
+        return dense(x, w0, self.matrices, self.cfg, bias=bias, dropout_rng=self.dropout_rng, precision=precision)
+
+    def lookup(self, ids, table, dtype):
+        return embed.lookup(ids, table, self.matrices, self.cfg).astype(dtype)
+
+    def attend(self, query, table):
+        return embed.attend(query, table, self.matrices, self.cfg)
 
 
 class _Router:
@@ -141,26 +189,26 @@ class _Router:
 
     def __call__(self, next_fun, args, kwargs, context):
         module = context.module
-        handler = next((h for cls, h in _HANDLERS if isinstance(module, cls)), None)
-        path = "/".join(module.path + ("kernel",))
-        if context.method_name != "__call__" or handler is None or path not in self.entries:
+        layer_type = next(((leaf, methods) for cls, leaf, methods in _HANDLERS if isinstance(module, cls)), None)
+        if layer_type is None or context.method_name == "setup":
             return next_fun(*args, **kwargs)
-        kernel = module.get_variable("params", "kernel")
+        leaf, methods = layer_type
+        path = "/".join(module.path + (leaf,))
+        if path not in self.entries:
+            return next_fun(*args, **kwargs)
+        handler = methods.get(context.method_name)
+        if handler is None:
+            self.refused[path] = f"its {type(module).__name__}.{context.method_name} reads it unrouted"
+            return next_fun(*args, **kwargs)
+        kernel = module.get_variable("params", leaf)
         bias = module.get_variable("params", "bias") if getattr(module, "use_bias", False) else None
-        adapter = self.entries[path]
         axes = self.cfg.axes_for(path, tuple(kernel.shape))
-        matrices = kernel_layout(kernel.shape, axes).adapter_matrices(adapter, self.projection)
+        matrices = kernel_layout(kernel.shape, axes).adapter_matrices(self.entries[path], self.projection)
         rng = None
         if self.dropout_rng is not None and self.cfg.dropout > 0:
             rng = jax.random.fold_in(jax.random.fold_in(self.dropout_rng, zlib.crc32(path.encode())), self.calls[path])
         self.calls[path] += 1
-
-        dense = folded_dense if self.cfg.forward == "folded" else factored_dense
-
-        def route(x, w0, b, precision):
-            return dense(x, w0, matrices, self.cfg, bias=b, dropout_rng=rng, precision=precision)
-
-        out = handler(module, args, kwargs, kernel, bias, axes, route)
+        out = handler(module, args, kwargs, kernel, bias, axes, _Adapted(matrices, self.cfg, rng))
         if isinstance(out, str):
             self.refused[path] = out
             return next_fun(*args, **kwargs)
@@ -168,7 +216,7 @@ class _Router:
         return out
 
 
-NOT_READ = "no nn.Dense, nn.DenseGeneral or nn.Einsum call reads it (a custom layer?)"
+NOT_READ = "no nn.Dense, nn.DenseGeneral, nn.Einsum or nn.Embed call reads it (a custom layer?)"
 
 
 def _run(apply_fn: Callable[..., Any], params: Any, router: _Router, args, kwargs, collections_) -> Any:
@@ -180,7 +228,9 @@ def _unrouted(apply_fn, cfg, entries, adapters, params, args, kwargs, collection
     """(probe, {path: reason}) after one abstract trace: the targets no layer call can route."""
     probe = _Router(entries, cfg, None, vera.projection_of(adapters))
     jax.eval_shape(lambda: _run(apply_fn, params, probe, args, kwargs, collections_))
-    return probe, {p: probe.refused.get(p, NOT_READ) for p in sorted(set(entries) - probe.handled)}
+    # A leaf one call could not route is merged even where another call was routed: every read then sees W'.
+    routed = probe.handled - set(probe.refused)
+    return probe, {p: probe.refused.get(p, NOT_READ) for p in sorted(set(entries) - routed)}
 
 
 def describe(unrouted: Mapping[str, str]) -> str:
@@ -236,7 +286,7 @@ def inject(apply_fn: Callable[..., Any], cfg: AdapterConfig, *, fallback: str | 
         if unrouted:
             merged = targets.nest({p: entries[p] for p in unrouted})
             params = merge(params, merged if projection is None else {**merged, vera.PROJECTION: projection}, cfg)
-        router = _Router({p: entries[p] for p in probe.handled}, cfg, dropout_rng, projection)
+        router = _Router({p: entries[p] for p in entries if p not in unrouted}, cfg, dropout_rng, projection)
         return _run(apply_fn, params, router, args, kwargs, collections_)
 
     return adapted_apply

@@ -93,7 +93,8 @@ def markdown(keys: list[str], metrics: list[str], rows: list[dict[str, Any]]) ->
         for metric in metrics:
             found = [row[f"eval/{metric}"] for row in done if f"eval/{metric}" in row]
             cells.append("–" if not found else "{:.4f} ± {:.4f}".format(*mean_std(found)))
-        lines.append("| " + " | ".join([str(v) for v in values] + [count] + cells) + " |")
+        # a regex value (adapter.targets) holds "|": escaped, or it would split the row into more cells
+        lines.append("| " + " | ".join([str(v).replace("|", r"\|") for v in values] + [count] + cells) + " |")
     return "\n".join(lines) + "\n"
 
 

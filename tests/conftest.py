@@ -132,11 +132,13 @@ def block():
 
 
 def perturb(adapters, key=3, scale=0.3):
-    """Adapters moved away from their init (B != 0, m != ||W0||) so that tests see real adaptation."""
-    leaves, treedef = jax.tree.flatten(adapters)
+    """Adapters moved away from their init (B != 0, m != ||W0||) so that tests see real adaptation;
+    VeRA's shared projections (frozen) stay as they are."""
+    frozen = {k: v for k, v in adapters.items() if k == "vera_projection"}
+    leaves, treedef = jax.tree.flatten({k: v for k, v in adapters.items() if k not in frozen})
     keys = jax.random.split(jax.random.key(key), len(leaves))
     moved = [leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys, strict=True)]
-    return jax.tree.unflatten(treedef, moved)
+    return {**jax.tree.unflatten(treedef, moved), **frozen}
 
 
 def load_config(path, argument):

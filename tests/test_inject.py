@@ -83,7 +83,9 @@ def test_unintercepted_target_falls_back_to_merge():
     cfg = AdapterConfig(rank=2, targets=(r"kernel", r"head/kernel"))
     injected, merged = adapted_and_merged(model, params, x, cfg)
     np.testing.assert_allclose(injected, merged, rtol=1e-5, atol=1e-6)
-    with pytest.raises(dj.InjectError, match=r"cannot run \(kernel: no nn.Dense, nn.DenseGeneral or nn.Einsum call"):
+    with pytest.raises(
+        dj.InjectError, match=r"cannot run \(kernel: no nn.Dense, nn.DenseGeneral, nn.Einsum or nn.Embed"
+    ):
         adapted_and_merged(model, params, x, cfg, fallback="error")
 
 

@@ -347,3 +347,61 @@ def test_dvora_has_no_peft_format_and_says_to_merge(tmp_path):
     cfg = dj.AdapterConfig(method="dvora", rank=4, targets=VERA_TARGETS)
     with pytest.raises(dj.ConfigError, match=r"PEFT has no DVoRA .*--format=merged"):
         io.export_peft(dj.init_adapters(jax.random.key(0), params, cfg), cfg, tmp_path, model=model)
+
+
+# --- embedding tables --------------------------------------------------------------------------
+
+EMBEDDINGS = {
+    "llama": ("embed_tokens", r"(.*/)?(embed_tokens)/embedding"),
+    "bert": ("word_embeddings", r".*/(word_embeddings)/embedding"),
+}
+
+
+def test_embedding_adapters_load_in_peft_and_import_back(tmp_path):
+    # The new-token use case: DoRA on the Llama's embed_tokens table, next to q_proj.
+    reference = hf_model(tmp_path / "base", "llama")
+    model, params = io.load_hf(tmp_path / "base")
+    cfg = dj.AdapterConfig(rank=4, alpha=8, targets=r"embed_tokens/embedding|.*/q_proj/kernel")
+    ids, mask = token_batch(LLAMA["vocab_size"], seq=10, padded=3)
+    adapters = trained_adapters(model, params, cfg, jnp.asarray(ids), jnp.asarray(mask))
+    io.export_peft(adapters, cfg, tmp_path / "adapter", model=model)
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert saved["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (4, LLAMA["vocab_size"])
+    adapted = peft.PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
+    ours = assert_same_outputs(model, params, adapters, cfg, adapted, ids, mask)
+    base = np.asarray(model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    assert np.abs((ours - base)[mask.astype(bool)]).max() > 1e-3
+    imported, _ = io.import_peft(tmp_path / "adapter", params, model=model)
+    jax.tree.map(np.testing.assert_array_equal, imported, adapters)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_peft_embedding_adapters_import_with_the_same_outputs(tmp_path, family):
+    reference = hf_model(tmp_path / "base", family)
+    module, target = EMBEDDINGS[family]
+    config = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=[module])
+    adapted = peft.get_peft_model(reference, config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    adapted.eval().save_pretrained(tmp_path / "adapter")  # PEFT saves the table itself beside the adapter
+    model, params = io.load_hf(tmp_path / "base")
+    adapters, cfg = io.import_peft(tmp_path / "adapter", params, model=model)
+    assert cfg.targets == target
+    ids, mask = token_batch(FAMILIES[family][2]["vocab_size"], seq=10, padded=3)
+    assert_same_outputs(model, params, adapters, cfg, adapted, ids, mask)
+
+
+def test_an_adapter_carrying_a_different_embedding_table_is_refused(tmp_path):
+    reference = hf_model(tmp_path / "base", "llama")
+    peft.get_peft_model(reference, peft.LoraConfig(r=4, target_modules=["embed_tokens"])).save_pretrained(
+        tmp_path / "adapter"
+    )
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    tensors["base_model.model.model.embed_tokens.base_layer.weight"] += 1.0  # a retrained vocabulary
+    save_file(tensors, tmp_path / "adapter" / "adapter_model.safetensors")
+    model, params = io.load_hf(tmp_path / "base")
+    with pytest.raises(dj.ConfigError, match=r"embed_tokens.base_layer.weight' is an embedding table different"):
+        io.import_peft(tmp_path / "adapter", params, model=model)

@@ -126,6 +126,12 @@ def test_report_has_a_row_per_point_with_its_status_and_a_plot_per_metric(swept)
     ]
 
 
+def test_a_regex_value_stays_in_its_own_table_cell():
+    rows = [{"adapter.targets": r".*/(q|v)/kernel", "seed": 0, "status": "done", "eval/loss": 1.0}]
+    table = sweep_report.markdown(["adapter.targets", "seed"], ["loss"], rows)
+    assert r"| .*/(q\|v)/kernel | 1/1 | 1.0000 ± 0.0000 |" in table
+
+
 def test_listed_commands_give_the_points_config(swept):
     path, workdir, _ = swept
     base, points = sweep.load(path)

@@ -1,5 +1,6 @@
 """Pure DoRA/LoRA functions on arrays and pytrees: no Flax modules, no I/O, no global state."""
 
+from dora_jax.core import embed, vera
 from dora_jax.core.adapters import (
     adapter_entries,
     check_adapter,
@@ -31,6 +32,7 @@ __all__ = [
     "adapter_entries",
     "check_adapter",
     "column_norm",
+    "embed",
     "decompose",
     "factored_column_norm",
     "factored_dense",
@@ -44,4 +46,5 @@ __all__ = [
     "matched_entries",
     "merge",
     "merge_kernel",
+    "vera",
 ]

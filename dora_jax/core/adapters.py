@@ -42,7 +42,8 @@ def adapter_entries(adapters: Any) -> dict[str, Adapter]:
 
 
 def init_adapter(rng: jax.Array, kernel: jax.Array, cfg: AdapterConfig, path: str = "kernel") -> Adapter:
-    """A and B of one kernel (A random, B zero) and, for DoRA, m = ||W0||_c: W' == W0 at init."""
+    """A and B of one kernel (A random, B zero; an nn.Embed table, as PEFT: A zero, B standard normal)
+    and, for DoRA, m = ||W0||_c: W' == W0 at init."""
     if kernel.ndim < 2:
         raise ShapeError(
             f"target {path!r} has shape {tuple(kernel.shape)}: only kernels with at least two axes "
@@ -51,25 +52,33 @@ def init_adapter(rng: jax.Array, kernel: jax.Array, cfg: AdapterConfig, path: st
     layout = kernel_layout(kernel.shape, cfg.axes_for(path, tuple(kernel.shape)))
     dtype = jnp.dtype(cfg.dtype)
     if cfg.vector_based:  # the rank of shared random projections may exceed a layer's dimensions
-        adapter = vera.init_vectors(cfg.rank, layout.out_shape, cfg.d_initial, dtype)
-        if cfg.decomposed:
-            adapter["m"] = column_norm(layout.to_matrix(kernel)).reshape(layout.out_shape).astype(dtype)
-        return adapter
+        return _with_magnitude(vera.init_vectors(cfg.rank, layout.out_shape, cfg.d_initial, dtype), kernel, layout, cfg)
     if cfg.rank > min(layout.d_in, layout.d_out):
         raise ShapeError(
             f"AdapterConfig.rank={cfg.rank} exceeds min(d_in, d_out)={min(layout.d_in, layout.d_out)} "
             f"for {path!r} (d_in={layout.d_in}, d_out={layout.d_out})"
         )
     shapes = layout.adapter_shapes(cfg.rank)
+    if path.rpartition("/")[2] == "embedding":  # nn.Embed's table; PEFT starts A at zero and B normal
+        return _with_magnitude(
+            {"a": jnp.zeros(shapes["a"], dtype), "b": jax.random.normal(rng, shapes["b"], jnp.float32).astype(dtype)},
+            kernel,
+            layout,
+            cfg,
+        )
     if cfg.init == "kaiming_uniform":
         # PEFT: kaiming_uniform_(a=sqrt(5)) on the (r, d_in) weight, i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)).
         bound = 1.0 / layout.d_in**0.5
         a = jax.random.uniform(rng, shapes["a"], jnp.float32, -bound, bound)
     else:
         a = jax.random.normal(rng, shapes["a"], jnp.float32) / cfg.rank
-    adapter = {"a": a.astype(dtype), "b": jnp.zeros(shapes["b"], dtype)}
-    if cfg.method == "dora":
-        adapter["m"] = column_norm(layout.to_matrix(kernel)).reshape(shapes["m"]).astype(dtype)
+    return _with_magnitude({"a": a.astype(dtype), "b": jnp.zeros(shapes["b"], dtype)}, kernel, layout, cfg)
+
+
+def _with_magnitude(adapter: Adapter, kernel: jax.Array, layout: Any, cfg: AdapterConfig) -> Adapter:
+    """``adapter`` with DoRA's m = ||W0||_c added (LoRA: unchanged)."""
+    if cfg.decomposed:
+        adapter["m"] = column_norm(layout.to_matrix(kernel)).reshape(layout.out_shape).astype(jnp.dtype(cfg.dtype))
     return adapter
 
 

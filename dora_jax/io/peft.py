@@ -3,7 +3,8 @@
 The format is the one peft 0.21 writes for LoRA and for ``use_dora=True``: tensors
 ``base_model.model.<hf module>.lora_A.weight`` (r, d_in), ``.lora_B.weight`` (d_out, r) and
 ``.lora_magnitude_vector`` (d_out,), so ``A = lora_A.weightᵀ``, ``B = lora_B.weightᵀ``,
-``m = lora_magnitude_vector``. HF module names come from the model zoo's tables.
+``m = lora_magnitude_vector`` (an embedding table's: ``lora_embedding_A`` / ``lora_embedding_B``).
+Keys and HF module names: ``peft_layout``; VeRA adapters: ``peft_vera``.
 
 A magnitude-only module (``AdapterConfig.magnitude_targets``) has no PEFT form of its own: it is
 written as a DoRA module of rank 1 (``rank_pattern``) whose ``lora_A`` and ``lora_B`` are zero,
@@ -15,29 +16,39 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import re
 import tempfile
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
 from dora_jax import models, targets
-from dora_jax.core import AdapterConfig, adapter_entries, matched_entries, vera
+from dora_jax.core import AdapterConfig, adapter_entries
 from dora_jax.errors import ConfigError, ShapeError, TargetError
+from dora_jax.io import peft_vera
+from dora_jax.io.peft_layout import (
+    CONFIG_FILE,
+    EMBEDDING_SUFFIXES,
+    HEAD_KEYS,
+    HEAD_MODULES,
+    PREFIX,
+    SAVED_TABLE,
+    SUFFIXES,
+    WEIGHTS_FILE,
+    kernel_modules,
+    keys_by_module,
+    pattern_of,
+    rank_patterns,
+    saves_head,
+    suffixes_of,
+    target_modules,
+    targets_of,
+)
 from dora_jax.io.safetensors_dir import CheckpointError, SafetensorsDirectory
 
-PREFIX = "base_model.model."
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-SUFFIXES = {"a": ".lora_A.weight", "b": ".lora_B.weight", "m": ".lora_magnitude_vector"}
-VERA_SUFFIXES = {"lambda_d": ".vera_lambda_d", "lambda_b": ".vera_lambda_b"}
-VERA_PROJECTION_KEYS = {"shared_a": "base_model.vera_A", "shared_b": "base_model.vera_B"}
 PEFT_TYPES = ("LORA", "VERA")
-HEAD_MODULES = ("classifier", "score")  # modules_to_save that name a sequence classifier's head
-# A sequence classifier's head as PEFT saves it (``modules_to_save``, task_type SEQ_CLS): Flax leaf -> key.
-HEAD_KEYS = {"kernel": PREFIX + "classifier.weight", "bias": PREFIX + "classifier.bias"}
 # PEFT options that change the model in ways an AdapterConfig cannot express: (key, allowed values).
 UNSUPPORTED = (
     ("fan_in_fan_out", (False, None)),
@@ -50,47 +61,6 @@ UNSUPPORTED = (
     ("target_parameters", (None, [])),
     ("use_qalora", (False, None)),
 )
-
-
-def _kernel_modules(model: Any) -> dict[str, str]:
-    """Flax kernel path -> HF module name, for every 2-D kernel of a zoo model."""
-    table = models.hf_table(model)
-    out = {}
-    for path, leaf in targets.leaves_by_path(models.abstract_params(model)).items():
-        if path.endswith("/kernel") and len(leaf.shape) == 2:
-            out[path] = models.hf_tensor(path, table)[0].removesuffix(".weight")
-    return out
-
-
-def _module_names(adapted: list[str], kernels: dict[str, str]) -> list[str] | None:
-    """The module names (``q_proj`` ...) whose kernels are exactly the adapted ones, if such a set exists."""
-    names = sorted({path.split("/")[-2] for path in adapted})
-    return names if {p for p in kernels if p.split("/")[-2] in names} == set(adapted) else None
-
-
-def _target_modules(adapted: list[str], kernels: dict[str, str]) -> list[str] | str:
-    """PEFT target_modules: module names when they select exactly the adapted set, else a full-match regex."""
-    return _module_names(adapted, kernels) or "|".join(re.escape(kernels[p]) for p in adapted)
-
-
-def _rank_patterns(adapted: list[str], kernels: dict[str, str]) -> list[str]:
-    """PEFT rank_pattern keys selecting exactly the adapted modules (PEFT matches ``(.*\\.)?(key)$``)."""
-    if not adapted:
-        return []
-    return _module_names(adapted, kernels) or [re.escape(kernels[p]) for p in adapted]
-
-
-def _pattern_of(module: str, rank_pattern: dict[str, Any]) -> str | None:
-    """The rank_pattern key PEFT applies to ``module`` (the first whose ``(.*\\.)?(key)$`` matches), if any."""
-    return next((key for key in rank_pattern if re.match(rf"(.*\.)?({key})$", module)), None)
-
-
-def _targets(adapted: list[str], kernels: dict[str, str]) -> str:
-    """AdapterConfig.targets selecting exactly the adapted kernels, as short as it can be."""
-    names = _module_names(adapted, kernels)
-    if names:
-        return rf".*/({'|'.join(names)})/kernel"
-    return "|".join(re.escape(p) for p in adapted)
 
 
 def export_peft(
@@ -114,7 +84,7 @@ def export_peft(
             "PEFT has no DVoRA (VeRA's update under DoRA's magnitude): export the merged model instead "
             "(python -m dora_jax.export --format=merged, or export.merged=True and export.peft=False in a run)"
         )
-    kernels = _kernel_modules(model)
+    kernels = kernel_modules(model)
     entries = adapter_entries(adapters)
     for path in entries:
         if path not in kernels:
@@ -122,7 +92,7 @@ def export_peft(
                 f"adapter for {path!r} names no 2-D kernel of {type(model).__name__}; its kernels:\n"
                 + "\n".join(f"  {p}" for p in kernels)
             )
-    write = _vera_tensors if cfg.vector_based else _lora_tensors
+    write = peft_vera.vera_tensors if cfg.vector_based else _lora_tensors
     tensors, config = write(adapters, entries, cfg, kernels, model)
     if head is not None:
         tensors[HEAD_KEYS["kernel"]] = np.ascontiguousarray(np.asarray(head["kernel"]).T)
@@ -131,7 +101,7 @@ def export_peft(
         task_type=models.family(model).peft_task_type,
         base_model_name_or_path=base_model_name_or_path,
         r=cfg.rank,
-        target_modules=_target_modules(list(entries), kernels),
+        target_modules=target_modules(list(entries), kernels),
         fan_in_fan_out=False,
         bias="none",
         modules_to_save=None if head is None else [models.family(model).head],
@@ -153,14 +123,14 @@ def _lora_tensors(adapters, entries, cfg, kernels, model) -> tuple[dict[str, np.
     magnitude_only = [path for path, adapter in entries.items() if "a" not in adapter]
     shapes = targets.leaves_by_path(models.abstract_params(model)) if magnitude_only else {}
     for path, adapter in entries.items():
-        key = PREFIX + kernels[path]
+        key, suffixes = PREFIX + kernels[path], suffixes_of(path)
         if "a" not in adapter:  # rank 1, A = B = 0: PEFT's DoRA then computes m * W0 / ||W0||_c
             d_in, d_out = shapes[path].shape
             adapter = {"a": np.zeros((d_in, 1), np.float32), "b": np.zeros((1, d_out), np.float32), **adapter}
-        tensors[key + SUFFIXES["a"]] = np.ascontiguousarray(np.asarray(adapter["a"]).T)
-        tensors[key + SUFFIXES["b"]] = np.ascontiguousarray(np.asarray(adapter["b"]).T)
+        tensors[key + suffixes["a"]] = np.ascontiguousarray(np.asarray(adapter["a"]).T)
+        tensors[key + suffixes["b"]] = np.ascontiguousarray(np.asarray(adapter["b"]).T)
         if cfg.method == "dora":
-            tensors[key + SUFFIXES["m"]] = np.asarray(adapter["m"])
+            tensors[key + suffixes["m"]] = np.asarray(adapter["m"])
     config = {
         "peft_type": "LORA",
         "lora_alpha": cfg.alpha,
@@ -168,30 +138,8 @@ def _lora_tensors(adapters, entries, cfg, kernels, model) -> tuple[dict[str, np.
         "use_dora": cfg.method == "dora",
         "use_rslora": cfg.rslora,
         "init_lora_weights": True if cfg.init == "kaiming_uniform" else "gaussian",
-        "rank_pattern": {pattern: 1 for pattern in _rank_patterns(magnitude_only, kernels)},
+        "rank_pattern": {pattern: 1 for pattern in rank_patterns(magnitude_only, kernels)},
         "alpha_pattern": {},
-    }
-    return tensors, config
-
-
-def _vera_tensors(adapters, entries, cfg, kernels, model) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """A VeRA adapter's tensors (vectors per module, the shared projections once) and ``VeraConfig`` fields."""
-    tensors: dict[str, np.ndarray] = {}
-    for path, adapter in entries.items():
-        for part in ("lambda_d", "lambda_b"):
-            tensors[PREFIX + kernels[path] + VERA_SUFFIXES[part]] = np.asarray(adapter[part])
-    projection = vera.projection_of(adapters)
-    for part, key in VERA_PROJECTION_KEYS.items():  # PyTorch layout: vera_A (r, d_in), vera_B (d_out, r)
-        tensors[key] = np.ascontiguousarray(np.asarray(projection[part]).T)
-    config = {
-        "peft_type": "VERA",
-        "projection_prng_key": cfg.projection_seed,
-        "save_projection": True,  # PEFT draws its projections with torch's generator: they must travel
-        "vera_dropout": cfg.dropout,
-        "d_initial": cfg.d_initial,
-        "init_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
     }
     return tensors, config
 
@@ -231,11 +179,6 @@ def _open(in_dir: pathlib.Path) -> tuple[dict[str, Any], SafetensorsDirectory]:
     return config, SafetensorsDirectory(in_dir)
 
 
-def _saves_head(config: dict[str, Any]) -> bool:
-    """Whether an adapter directory may hold a classifier head (PEFT SEQ_CLS or modules_to_save)."""
-    return config.get("task_type") == "SEQ_CLS" or bool(config.get("modules_to_save"))
-
-
 def read_peft_head(in_dir: str | pathlib.Path) -> dict[str, jnp.ndarray] | None:
     """The classifier head a SEQ_CLS adapter saves (``{"kernel": (d, labels), "bias": (labels,)}``), or None.
 
@@ -246,7 +189,7 @@ def read_peft_head(in_dir: str | pathlib.Path) -> dict[str, jnp.ndarray] | None:
     config, tensors = _open(in_dir)
     names = set(tensors.names())
     present = [key for key in HEAD_KEYS.values() if key in names]
-    if not present or not _saves_head(config):
+    if not present or not saves_head(config):
         return None
     if len(present) < len(HEAD_KEYS):
         missing = sorted(set(HEAD_KEYS.values()) - set(present))
@@ -260,21 +203,25 @@ def read_peft_head(in_dir: str | pathlib.Path) -> dict[str, jnp.ndarray] | None:
     return {"kernel": jnp.asarray(kernel.T), "bias": jnp.asarray(bias)}
 
 
-def _by_module(
-    keys: set[str], suffixes: dict[str, str], paths: dict[str, str], weights: pathlib.Path, model: Any
-) -> dict[str, dict[str, str]]:
-    """{HF module: {part: tensor key}} of an adapter file's ``keys``; a key that maps to no kernel is named."""
-    by_module: dict[str, dict[str, str]] = {}
+def _check_saved_tables(
+    keys: set[str], tensors: SafetensorsDirectory, paths: dict[str, str], params: Any, weights: pathlib.Path
+) -> None:
+    """PEFT saves a targeted embedding's table beside its adapter: it must be the base model's own (a
+    resized or retrained vocabulary would silently change the model); abstract ``params`` check shapes."""
+    leaves = targets.leaves_by_path(params)
     for key in sorted(keys):
-        part = next((p for p, suffix in suffixes.items() if key.endswith(suffix)), None)
-        module = key.removeprefix(PREFIX).removesuffix(suffixes[part]) if part and key.startswith(PREFIX) else None
-        if module not in paths:
-            raise TargetError(
-                f"{weights}: key {key!r} maps to no kernel of {type(model).__name__} "
-                f"(expected {PREFIX}<hf module>{{{', '.join(suffixes.values())}}} for a 2-D kernel)"
+        path = paths.get(key.removeprefix(PREFIX).removesuffix(SAVED_TABLE))
+        if path is None or not path.endswith("/embedding"):
+            raise TargetError(f"{weights}: key {key!r} names no embedding table of the model")
+        base = leaves[path]
+        same = tensors.shape(key) == tuple(base.shape)
+        if same and isinstance(base, jax.Array | np.ndarray):
+            same = np.array_equal(np.asarray(tensors.get(key), np.float32), np.asarray(base, np.float32))
+        if not same:
+            raise ConfigError(
+                f"{weights}: {key!r} is an embedding table different from the base model's {path!r} (a resized "
+                "or retrained vocabulary?): importing the adapter alone would drop it; merge it into the base first"
             )
-        by_module.setdefault(module, {})[part] = key
-    return by_module
 
 
 def import_peft(in_dir: str | pathlib.Path, params: Any, *, model: Any) -> tuple[dict[str, Any], AdapterConfig]:
@@ -285,14 +232,17 @@ def import_peft(in_dir: str | pathlib.Path, params: Any, *, model: Any) -> tuple
     in_dir = pathlib.Path(in_dir)
     config, tensors = _open(in_dir)
     if config["peft_type"] == "VERA":
-        return _import_vera(in_dir, config, tensors, params, model)
+        return peft_vera.import_vera(in_dir, config, tensors, params, model)
     weights = in_dir / WEIGHTS_FILE
-    kernels = _kernel_modules(model)
+    kernels = kernel_modules(model)
     paths = {hf: path for path, hf in kernels.items()}
     method = "dora" if config.get("use_dora") else "lora"
     parts = "abm" if method == "dora" else "ab"
-    head_keys = set(HEAD_KEYS.values()) if _saves_head(config) else set()
-    by_module = _by_module(set(tensors.names()) - head_keys, SUFFIXES, paths, weights, model)
+    head_keys = set(HEAD_KEYS.values()) if saves_head(config) else set()
+    saved_tables = {key for key in tensors.names() if key.endswith(SAVED_TABLE)}
+    _check_saved_tables(saved_tables, tensors, paths, params, weights)
+    suffixes = [*SUFFIXES.items(), *EMBEDDING_SUFFIXES.items()]
+    by_module = keys_by_module(set(tensors.names()) - head_keys - saved_tables, suffixes, paths, weights, model)
     for keys in by_module.values():
         if "m" in keys and "m" not in parts:
             raise ConfigError(
@@ -304,10 +254,10 @@ def import_peft(in_dir: str | pathlib.Path, params: Any, *, model: Any) -> tuple
     rank_pattern = config.get("rank_pattern") or {}
     flat, magnitudes = {}, {}
     for module, keys in by_module.items():
-        missing = [PREFIX + module + SUFFIXES[p] for p in parts if p not in keys]
+        missing = [PREFIX + module + suffixes_of(paths[module])[p] for p in parts if p not in keys]
         if missing:
             raise CheckpointError(f"{weights}: module {module!r} lacks {missing}")
-        pattern = _pattern_of(module, rank_pattern)
+        pattern = pattern_of(module, rank_pattern)
         # A module with a rank of its own is read only as export_peft writes a magnitude-only one.
         if pattern is not None and (method != "dora" or any(np.any(tensors.get(keys[p])) for p in "ab")):
             raise ConfigError(
@@ -335,57 +285,10 @@ def import_peft(in_dir: str | pathlib.Path, params: Any, *, model: Any) -> tuple
         method=method,
         rank=int(config["r"]),
         alpha=float(config["lora_alpha"]),
-        targets=_targets(list(flat), kernels),
-        magnitude_targets=_targets(list(magnitudes), kernels) if magnitudes else "",
+        targets=targets_of(list(flat), kernels),
+        magnitude_targets=targets_of(list(magnitudes), kernels) if magnitudes else "",
         dropout=float(config.get("lora_dropout") or 0.0),
         rslora=bool(config.get("use_rslora", False)),
         init="gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming_uniform",
     )
     return targets.nest({**flat, **magnitudes}), cfg
-
-
-def _import_vera(
-    in_dir: pathlib.Path, config: dict[str, Any], tensors: SafetensorsDirectory, params: Any, model: Any
-) -> tuple[dict[str, Any], AdapterConfig]:
-    """A PEFT VeRA adapter: the vectors of each module and the shared projections it saved."""
-    weights = in_dir / WEIGHTS_FILE
-    names = set(tensors.names())
-    missing = [key for key in VERA_PROJECTION_KEYS.values() if key not in names]
-    if missing or not config.get("save_projection", True):
-        raise ConfigError(
-            f"{in_dir}: a VeRA adapter without its projections ({missing or 'save_projection=false'}): PEFT draws "
-            "them with torch's generator from projection_prng_key, which JAX does not reproduce; save the "
-            "adapter with VeraConfig(save_projection=True)"
-        )
-    kernels = _kernel_modules(model)
-    paths = {hf: path for path, hf in kernels.items()}
-    head_keys = set(HEAD_KEYS.values()) if _saves_head(config) else set()
-    keys = names - head_keys - set(VERA_PROJECTION_KEYS.values())
-    by_module = _by_module(keys, VERA_SUFFIXES, paths, weights, model)
-    if not by_module:
-        raise CheckpointError(f"{weights}: holds no VeRA vectors")
-    rank, leaves, flat = int(config["r"]), targets.leaves_by_path(params), {}
-    for module, keys in by_module.items():
-        lacking = [PREFIX + module + VERA_SUFFIXES[p] for p in VERA_SUFFIXES if p not in keys]
-        if lacking:
-            raise CheckpointError(f"{weights}: module {module!r} lacks {lacking}")
-        d_out = leaves[paths[module]].shape[1]
-        for part, shape in (("lambda_d", (rank,)), ("lambda_b", (d_out,))):
-            if tensors.shape(keys[part]) != shape:
-                raise ShapeError(
-                    f"{weights}: {keys[part]!r} has shape {tensors.shape(keys[part])}; r={rank} and the kernel "
-                    f"{paths[module]!r} of shape {tuple(leaves[paths[module]].shape)} need {shape}"
-                )
-        flat[paths[module]] = {p: jnp.asarray(np.array(tensors.get(k))) for p, k in keys.items()}
-    adapters = targets.nest(flat)
-    adapters[vera.PROJECTION] = {p: jnp.asarray(np.array(tensors.get(k)).T) for p, k in VERA_PROJECTION_KEYS.items()}
-    cfg = AdapterConfig(
-        method="vera",
-        rank=rank,
-        targets=_targets(list(flat), kernels),
-        dropout=float(config.get("vera_dropout") or 0.0),
-        projection_seed=int(config.get("projection_prng_key", 0)),
-        d_initial=float(config.get("d_initial", 0.1)),
-    )
-    matched_entries(params, adapters, cfg)  # the projections cover every module: (r, >= d_in), (>= d_out, r)
-    return adapters, cfg

@@ -1,0 +1,57 @@
+"""Adapted embedding tables: the lookup ``W'[ids]`` and the tied-head logits ``x W'^T``, without building W'.
+
+An embedding table ``W0: (vocab, features)`` is a kernel whose input axis is the vocabulary (as PEFT
+defines the DoRA norm of an embedding: over the vocabulary, one magnitude per feature), so its
+adapter is ``A: (vocab, r)``, ``B: (r, features)``, ``m: (features,)`` (PEFT's ``lora_embedding_A``
+and ``lora_embedding_B`` transposed). The lookup gathers rows of ``W0`` and ``A`` only:
+``W'[ids] = (m / n) * (W0[ids] + s A[ids] B)``, with ``n = ||W0 + s A B||_c`` from
+``factored_column_norm`` (an ``r x vocab x features`` product, no vocab x features temporary besides
+W0). No dropout: PEFT has none on embeddings.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dora_jax.core.config import AdapterConfig
+from dora_jax.core.dora import Adapter, column_norm, factored_column_norm
+
+
+def _column_scale(w0: jax.Array, adapter: Adapter, cfg: AdapterConfig) -> jax.Array | None:
+    """``m / n`` per feature (None for LoRA / VeRA); ``n`` detached for norm_grad="detach"."""
+    if not cfg.decomposed:
+        return None
+    if "a" in adapter:
+        norm = factored_column_norm(w0, adapter["a"], adapter["b"], cfg.scale)
+    else:
+        norm = column_norm(w0)
+    if cfg.norm_grad == "detach":
+        norm = lax.stop_gradient(norm)
+    return adapter["m"].astype(norm.dtype) / norm
+
+
+def lookup(ids: jax.Array, w0: jax.Array, adapter: Adapter, cfg: AdapterConfig) -> jax.Array:
+    """``W'[ids]``: rows of the adapted table for integer ``ids`` of any shape, in ``w0``'s dtype.
+
+    ``adapter`` is in matrix form (``KernelLayout.adapter_matrices``); a magnitude-only one has m alone.
+    """
+    rows = jnp.take(w0, ids, axis=0)
+    if "a" in adapter:
+        low = jnp.take(adapter["a"], ids, axis=0).astype(w0.dtype) @ (cfg.scale * adapter["b"]).astype(w0.dtype)
+        rows = rows + low
+    scale = _column_scale(w0, adapter, cfg)
+    return rows if scale is None else rows * scale.astype(rows.dtype)
+
+
+def attend(query: jax.Array, w0: jax.Array, adapter: Adapter, cfg: AdapterConfig) -> jax.Array:
+    """``query @ W'^T`` (a head tied to the table): ``(q m/n) W0^T + s ((q m/n) B^T) A^T``."""
+    scale = _column_scale(w0, adapter, cfg)
+    if scale is not None:
+        query = query * scale.astype(query.dtype)
+    logits = query @ w0.astype(query.dtype).T
+    if "a" in adapter:
+        low = query @ (cfg.scale * adapter["b"]).astype(query.dtype).T
+        logits = logits + low @ adapter["a"].astype(query.dtype).T
+    return logits
