@@ -10,7 +10,7 @@ TINY += ["--minilm-layers", "1", "--minilm-hidden", "48", "--llama-hidden", "64"
 TINY += ["--llama-vocab", "128"]
 
 
-CORE = ("lora", "dora_exact", "dora_detach")  # the variants the Llama shape runs; MiniLM runs every variant
+CORE = ("lora", "dora_exact")  # the variants the Llama shape runs; MiniLM runs every variant
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import dora_jax as dj
 from conftest import TEST_XLA_FLAG
 from dora_jax import base_model, io, run_config, train
 from dora_jax.errors import ConfigError, InjectError
-from dora_jax.inject import NOT_READ
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -207,14 +206,21 @@ def test_cli_reports_a_bad_override_without_a_traceback(tmp_path):
 
 
 def test_targets_the_forward_cannot_run_are_reported_at_start_up(cache_dir, caplog):
-    config = small(cache_dir, **{"adapter.targets": r".*/q_proj/kernel|embed_tokens/embedding"})
+    # An input-axes rule the layer does not contract (k_proj's nn.Dense contracts axis 0): merged instead.
+    config = small(cache_dir, **{"adapter.targets": r".*/(q_proj|k_proj)/kernel"})
+    config.adapter.input_axes = {r"layers_0/self_attn/k_proj/kernel": [1]}
     with caplog.at_level(logging.WARNING, "dora_jax.runs"):
         train.build(config)
-    expected = f"target embed_tokens/embedding is merged into the kernel at every step (W' built): {NOT_READ}"
+    expected = (
+        "target layers_0/self_attn/k_proj/kernel is merged into the kernel at every step (W' built): "
+        "input_axes (1,) differ from nn.Dense's contraction over axis 0"
+    )
     assert expected in caplog.text
-    assert "q_proj" not in caplog.text
+    assert "q_proj" not in caplog.text and "layers_1" not in caplog.text
     config.adapter.fallback = "error"
-    with pytest.raises(InjectError, match=r"fallback=error and targets .*: embed_tokens/embedding: no nn.Dense"):
+    with pytest.raises(
+        InjectError, match=r"fallback=error and targets .*: layers_0/self_attn/k_proj/kernel: input_axes"
+    ):
         train.build(config)
 
 
