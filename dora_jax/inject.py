@@ -132,7 +132,8 @@ def _embed_call(module, args, kwargs, table, bias, axes, layer):
         return f"input_axes {axes} differ from nn.Embed's vocabulary axis (0,)"
     if len(args) != 1 or kwargs or module.num_embeddings == 1:
         return "its nn.Embed is called with extra arguments or has one embedding"
-    dtype = module.promote_dtype(table, dtype=module.dtype, inexact=False)[0].dtype
+    # the dtype nn.Embed would look rows up in, without casting the whole table to find it
+    dtype = jax.eval_shape(lambda t: module.promote_dtype(t, dtype=module.dtype, inexact=False)[0], table).dtype
     return layer.lookup(args[0], table, dtype)
 
 
@@ -224,13 +225,13 @@ def _run(apply_fn: Callable[..., Any], params: Any, router: _Router, args, kwarg
         return apply_fn({"params": params, **collections_}, *args, **kwargs)
 
 
-def _unrouted(apply_fn, cfg, entries, adapters, params, args, kwargs, collections_) -> tuple[_Router, dict[str, str]]:
-    """(probe, {path: reason}) after one abstract trace: the targets no layer call can route."""
-    probe = _Router(entries, cfg, None, vera.projection_of(adapters))
+def _unrouted(apply_fn, cfg, entries, projection, params, args, kwargs, collections_) -> dict[str, str]:
+    """{path: reason} after one abstract trace: the targets no layer call can route."""
+    probe = _Router(entries, cfg, None, projection)
     jax.eval_shape(lambda: _run(apply_fn, params, probe, args, kwargs, collections_))
     # A leaf one call could not route is merged even where another call was routed: every read then sees W'.
     routed = probe.handled - set(probe.refused)
-    return probe, {p: probe.refused.get(p, NOT_READ) for p in sorted(set(entries) - routed)}
+    return {p: probe.refused.get(p, NOT_READ) for p in sorted(set(entries) - routed)}
 
 
 def describe(unrouted: Mapping[str, str]) -> str:
@@ -250,7 +251,8 @@ def merged_targets(
     """The targets ``inject(apply_fn, cfg)`` would merge (build W') instead of intercepting, each
     with the reason, for a call with these arguments (shapes suffice: one abstract trace)."""
     entries = matched_entries(params, adapters, cfg)
-    return _unrouted(apply_fn, cfg, entries, adapters, params, args, kwargs, dict(collections or {}))[1]
+    projection = vera.projection_of(adapters)
+    return _unrouted(apply_fn, cfg, entries, projection, params, args, kwargs, dict(collections or {}))
 
 
 def inject(apply_fn: Callable[..., Any], cfg: AdapterConfig, *, fallback: str | None = None) -> Callable[..., Any]:
@@ -276,13 +278,13 @@ def inject(apply_fn: Callable[..., Any], cfg: AdapterConfig, *, fallback: str | 
     ) -> Any:
         entries = matched_entries(params, adapters, cfg)
         collections_ = dict(collections or {})
-        probe, unrouted = _unrouted(apply_fn, cfg, entries, adapters, params, args, kwargs, collections_)
+        projection = vera.projection_of(adapters)
+        unrouted = _unrouted(apply_fn, cfg, entries, projection, params, args, kwargs, collections_)
         if unrouted and fallback == "error":
             raise InjectError(
                 f"targets the adapted forward cannot run ({describe(unrouted)}); "
                 "use fallback='merge' to merge them instead"
             )
-        projection = vera.projection_of(adapters)
         if unrouted:
             merged = targets.nest({p: entries[p] for p in unrouted})
             params = merge(params, merged if projection is None else {**merged, vera.PROJECTION: projection}, cfg)

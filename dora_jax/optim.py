@@ -35,9 +35,14 @@ def trainable_mask(tree: Any, extra: str | Iterable[str] = ()) -> Any:
         if is_adapter(node):
             return {key: True for key in node}
         path = targets.path_str(keypath)
-        return vera.PROJECTION not in path.split("/") and any(p.fullmatch(path) for p in patterns)
+        return not _in_projection(keypath) and any(p.fullmatch(path) for p in patterns)
 
     return jax.tree_util.tree_map_with_path(label, tree, is_leaf=is_adapter)
+
+
+def _in_projection(keypath: Any) -> bool:
+    """Whether a leaf lies under VeRA's shared projections (frozen, though they travel with the adapters)."""
+    return vera.PROJECTION in (targets.key_name(k) for k in keypath)
 
 
 def partition(tree: Any, mask: Any) -> tuple[Any, Any]:
@@ -72,7 +77,7 @@ def group_labels(trainable: Any) -> Any:
     def label(keypath: Any, node: Any) -> Any:
         if is_adapter(node):
             return {key: _GROUP_OF_KEY[key] for key in node}
-        return "frozen" if vera.PROJECTION in (targets.key_name(k) for k in keypath) else "other"
+        return "frozen" if _in_projection(keypath) else "other"
 
     return jax.tree_util.tree_map_with_path(label, trainable, is_leaf=is_adapter)
 

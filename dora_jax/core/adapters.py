@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from dora_jax import targets
 from dora_jax.core import vera
 from dora_jax.core.config import AdapterConfig
-from dora_jax.core.dora import Adapter, column_norm, kernel_layout, merge_kernel
+from dora_jax.core.dora import Adapter, KernelLayout, column_norm, kernel_layout, merge_kernel
 from dora_jax.errors import ConfigError, ShapeError, TargetError
 
 ADAPTER_KEYS = frozenset({"a", "b", "m", "lambda_d", "lambda_b"})
@@ -44,12 +44,7 @@ def adapter_entries(adapters: Any) -> dict[str, Adapter]:
 def init_adapter(rng: jax.Array, kernel: jax.Array, cfg: AdapterConfig, path: str = "kernel") -> Adapter:
     """A and B of one kernel (A random, B zero; an nn.Embed table, as PEFT: A zero, B standard normal)
     and, for DoRA, m = ||W0||_c: W' == W0 at init."""
-    if kernel.ndim < 2:
-        raise ShapeError(
-            f"target {path!r} has shape {tuple(kernel.shape)}: only kernels with at least two axes "
-            "can be adapted (does the target pattern end in '/kernel'?)"
-        )
-    layout = kernel_layout(kernel.shape, cfg.axes_for(path, tuple(kernel.shape)))
+    layout = _layout(kernel, cfg, path)
     dtype = jnp.dtype(cfg.dtype)
     if cfg.vector_based:  # the rank of shared random projections may exceed a layer's dimensions
         return _with_magnitude(vera.init_vectors(cfg.rank, layout.out_shape, cfg.d_initial, dtype), kernel, layout, cfg)
@@ -75,22 +70,31 @@ def init_adapter(rng: jax.Array, kernel: jax.Array, cfg: AdapterConfig, path: st
     return _with_magnitude({"a": a.astype(dtype), "b": jnp.zeros(shapes["b"], dtype)}, kernel, layout, cfg)
 
 
-def _with_magnitude(adapter: Adapter, kernel: jax.Array, layout: Any, cfg: AdapterConfig) -> Adapter:
+def _layout(kernel: jax.Array, cfg: AdapterConfig, path: str) -> KernelLayout:
+    """The matrix view of a target's kernel; a leaf with fewer than two axes is a ShapeError naming it."""
+    if kernel.ndim < 2:
+        raise ShapeError(
+            f"target {path!r} has shape {tuple(kernel.shape)}: only kernels with at least two axes "
+            "can be adapted (does the target pattern end in '/kernel'?)"
+        )
+    return kernel_layout(kernel.shape, cfg.axes_for(path, tuple(kernel.shape)))
+
+
+def _magnitude(kernel: jax.Array, layout: KernelLayout, cfg: AdapterConfig) -> jax.Array:
+    """m = ||W0||_c in the adapter dtype, shaped as the kernel's output axes."""
+    return column_norm(layout.to_matrix(kernel)).reshape(layout.out_shape).astype(jnp.dtype(cfg.dtype))
+
+
+def _with_magnitude(adapter: Adapter, kernel: jax.Array, layout: KernelLayout, cfg: AdapterConfig) -> Adapter:
     """``adapter`` with DoRA's m = ||W0||_c added (LoRA: unchanged)."""
     if cfg.decomposed:
-        adapter["m"] = column_norm(layout.to_matrix(kernel)).reshape(layout.out_shape).astype(jnp.dtype(cfg.dtype))
+        adapter["m"] = _magnitude(kernel, layout, cfg)
     return adapter
 
 
 def init_magnitude(kernel: jax.Array, cfg: AdapterConfig, path: str = "kernel") -> Adapter:
     """The adapter of a magnitude-only module: ``{"m": ||W0||_c}``, so W' == W0 at init."""
-    if kernel.ndim < 2:
-        raise ShapeError(
-            f"magnitude target {path!r} has shape {tuple(kernel.shape)}: only kernels with at least two axes "
-            "can be adapted (does the pattern end in '/kernel'?)"
-        )
-    layout = kernel_layout(kernel.shape, cfg.axes_for(path, tuple(kernel.shape)))
-    return {"m": column_norm(layout.to_matrix(kernel)).reshape(layout.out_shape).astype(jnp.dtype(cfg.dtype))}
+    return {"m": _magnitude(kernel, _layout(kernel, cfg, path), cfg)}
 
 
 def init_adapters(rng: jax.Array, params: Any, cfg: AdapterConfig) -> dict[str, Any]:

@@ -77,10 +77,10 @@ def keys_by_module(
     """{HF module: {part: tensor key}} of an adapter file's ``keys`` (``suffixes``: (part, suffix) pairs);
     a key that maps to no kernel or table is named."""
     by_module: dict[str, dict[str, str]] = {}
+    lora_suffixes = {*SUFFIXES.values(), *EMBEDDING_SUFFIXES.values()}  # refused: a Linear's key on a table, or back
     for key in sorted(keys):
         part, suffix = next(((p, x) for p, x in suffixes if key.endswith(x)), (None, ""))
         module = key.removeprefix(PREFIX).removesuffix(suffix) if part and key.startswith(PREFIX) else None
-        lora_suffixes = {*SUFFIXES.values(), *EMBEDDING_SUFFIXES.values()}  # a Linear's key on a table, or back
         if module not in paths or (suffix in lora_suffixes and suffix not in suffixes_of(paths[module]).values()):
             raise TargetError(
                 f"{weights}: key {key!r} maps to no kernel of {type(model).__name__} (expected "
