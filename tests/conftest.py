@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import shutil
+import tempfile
 
 import flax.linen as nn
 import jax
@@ -11,10 +13,27 @@ import pytest
 
 # The suite's time goes into compiling many small programs, not running them: LLVM's -O0 halves
 # XLA:CPU's compile time (the same HLO, buffers and results; slower kernels). Set before any test
-# initialises the backend; subprocesses inherit it (the README command's test removes it).
+# initialises the backend; subprocesses inherit it (the README command's test removes it, and the cache below).
 TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
 if TEST_XLA_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAG}".strip()
+
+# Many processes compile the same programs: both pytest-xdist workers and the CLI, notebook and
+# multi-device subprocesses (e.g. the default run's train step). XLA's persistent compilation cache in
+# one directory per session shares every compiled program between them. No size limit: a limit makes
+# every write scan the directory (thousands of entries). An entry read while another process is still
+# writing it fails to decompress, which JAX reports as a warning and compiles instead. The process that
+# makes the directory (the xdist controller) removes it at the end.
+CACHE_OWNER = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if CACHE_OWNER:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dora_jax_tests_xla_cache_")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+def pytest_sessionfinish(session):
+    if CACHE_OWNER and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
 
 # How pytest-xdist shares the suite between its two processes (scripts/test.sh): each test file is a
 # unit of work (its module fixtures built once), and units start in this order, the slowest first,

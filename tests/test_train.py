@@ -227,7 +227,8 @@ def test_targets_the_forward_cannot_run_are_reported_at_start_up(cache_dir, capl
 def test_readme_run_command_adapts_the_default_task(tmp_path):
     """scripts/run.sh with the default config, as the README runs it (base cache kept in tmp_path)."""
     env = dict(os.environ, DORA_JAX_CACHE=str(tmp_path / "cache"))
-    env["XLA_FLAGS"] = env["XLA_FLAGS"].replace(TEST_XLA_FLAG, "")  # as a user runs it (see conftest.py)
+    env["XLA_FLAGS"] = env["XLA_FLAGS"].replace(TEST_XLA_FLAG, "")  # as a user runs it (see conftest.py),
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # with no compilation cache
     result = subprocess.run(
         [
             "bash",
