@@ -7,10 +7,12 @@
 adapted kernel W' is never built on the training path (``AdapterConfig.forward="folded"`` routes
 the calls through ``folded_dense`` instead: W0 + s A B built one layer at a time, the low-rank
 gradients from a custom VJP). A targeted ``nn.Embed`` table is routed through ``core.embed`` (the
-lookup and ``attend``, a tied head). A targeted leaf that no such call reads (a custom layer, a
-Dense with a custom ``dot_general``, a DenseGeneral with ``batch_dims``, an input-axes rule the
-layer does not contract), or that one of its calls cannot route, is merged into the params
-instead, so the result is the same either way; ``fallback="error"`` turns that into an InjectError.
+lookup and ``attend``, a tied head), a targeted ``nn.Conv`` kernel through ``core.conv`` (two
+convolutions with the layer's own padding and strides; the factored form for either ``forward``).
+A targeted leaf that no such call reads (a custom layer, a Dense with a custom ``dot_general``, a
+DenseGeneral with ``batch_dims``, a grouped convolution, an input-axes rule the layer does not
+contract), or that one of its calls cannot route, is merged into the params instead, so the result
+is the same either way; ``fallback="error"`` turns that into an InjectError.
 
 Finding which targets are intercepted costs one abstract trace of the model
 (``jax.eval_shape``) per call, i.e. per compilation under ``jax.jit``.
@@ -32,6 +34,7 @@ from opt_einsum import parser as einsum_parser
 from dora_jax import targets
 from dora_jax.core import (
     AdapterConfig,
+    conv,
     embed,
     factored_dense,
     folded_dense,
@@ -146,6 +149,27 @@ def _embed_attend(module, args, kwargs, table, bias, axes, layer):
     return layer.attend(query, table).astype(promoted.dtype)
 
 
+def _conv(module, args, kwargs, kernel, bias, axes, layer):
+    if module.conv_general_dilated is not None or module.conv_general_dilated_cls is not None:
+        return "its nn.Conv has a custom conv_general_dilated"
+    if module.mask is not None or module.feature_group_count != 1:
+        return "its nn.Conv has a kernel mask or feature_group_count > 1"
+    if len(args) != 1 or kwargs:
+        return "its nn.Conv is called with extra arguments"
+    if axes != tuple(range(kernel.ndim - 1)):
+        return (
+            f"input_axes {axes} differ from the axes nn.Conv contracts {tuple(range(kernel.ndim - 1))} "
+            "(window and input channels; add an input_axes rule)"
+        )
+    x, _, bias = _promote(module, args[0], kernel, bias)
+
+    def convolve(inputs, weights):  # the layer's own padding, strides and dilations, any channel count
+        clone = module.clone(parent=None, features=weights.shape[-1], use_bias=False)
+        return clone.apply({"params": {"kernel": weights}}, inputs)
+
+    return layer.conv(convolve, x, kernel, bias)
+
+
 # Per layer type: the leaf it adapts and a handler per method that reads it. A method of a targeted
 # layer without a handler (other than setup) marks the leaf unroutable: it is merged instead.
 _HANDLERS: tuple[tuple[type, str, dict[str, Callable]], ...] = (
@@ -153,6 +177,7 @@ _HANDLERS: tuple[tuple[type, str, dict[str, Callable]], ...] = (
     (nn.DenseGeneral, "kernel", {"__call__": _dense_general}),
     (nn.Einsum, "kernel", {"__call__": _einsum}),
     (nn.Embed, "embedding", {"__call__": _embed_call, "attend": _embed_attend}),
+    (nn.Conv, "kernel", {"__call__": _conv}),
 )
 
 
@@ -165,6 +190,9 @@ class _Adapted:
     def dense(self, x, w0, bias, precision):
         dense = folded_dense if self.cfg.forward == "folded" else factored_dense
         return dense(x, w0, self.matrices, self.cfg, bias=bias, dropout_rng=self.dropout_rng, precision=precision)
+
+    def conv(self, convolve, x, w0, bias):
+        return conv.factored_conv(convolve, x, w0, self.matrices, self.cfg, bias=bias, dropout_rng=self.dropout_rng)
 
     def lookup(self, ids, table, dtype):
         return embed.lookup(ids, table, self.matrices, self.cfg).astype(dtype)
@@ -187,9 +215,12 @@ class _Router:
         self.handled: set[str] = set()
         self.refused: dict[str, str] = {}  # path -> why a call to it could not be routed
         self.calls: collections.Counter[str] = collections.Counter()
+        self.busy = False
 
     def __call__(self, next_fun, args, kwargs, context):
         module = context.module
+        if self.busy:  # a handler's own layer calls (nn.Conv's clones) are not targets
+            return next_fun(*args, **kwargs)
         layer_type = next(((leaf, methods) for cls, leaf, methods in _HANDLERS if isinstance(module, cls)), None)
         if layer_type is None or context.method_name == "setup":
             return next_fun(*args, **kwargs)
@@ -209,7 +240,11 @@ class _Router:
         if self.dropout_rng is not None and self.cfg.dropout > 0:
             rng = jax.random.fold_in(jax.random.fold_in(self.dropout_rng, zlib.crc32(path.encode())), self.calls[path])
         self.calls[path] += 1
-        out = handler(module, args, kwargs, kernel, bias, axes, _Adapted(matrices, self.cfg, rng))
+        self.busy = True
+        try:
+            out = handler(module, args, kwargs, kernel, bias, axes, _Adapted(matrices, self.cfg, rng))
+        finally:
+            self.busy = False
         if isinstance(out, str):
             self.refused[path] = out
             return next_fun(*args, **kwargs)
@@ -217,7 +252,7 @@ class _Router:
         return out
 
 
-NOT_READ = "no nn.Dense, nn.DenseGeneral, nn.Einsum or nn.Embed call reads it (a custom layer?)"
+NOT_READ = "no nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Embed or nn.Conv call reads it (a custom layer?)"
 
 
 def _run(apply_fn: Callable[..., Any], params: Any, router: _Router, args, kwargs, collections_) -> Any:

@@ -84,7 +84,7 @@ def test_unintercepted_target_falls_back_to_merge():
     injected, merged = adapted_and_merged(model, params, x, cfg)
     np.testing.assert_allclose(injected, merged, rtol=1e-5, atol=1e-6)
     with pytest.raises(
-        dj.InjectError, match=r"cannot run \(kernel: no nn.Dense, nn.DenseGeneral, nn.Einsum or nn.Embed"
+        dj.InjectError, match=r"cannot run \(kernel: no nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Embed or nn.Conv"
     ):
         adapted_and_merged(model, params, x, cfg, fallback="error")
 

@@ -1,6 +1,6 @@
 """Pure DoRA/LoRA functions on arrays and pytrees: no Flax modules, no I/O, no global state."""
 
-from dora_jax.core import embed, vera
+from dora_jax.core import conv, embed, vera
 from dora_jax.core.adapters import (
     adapter_entries,
     check_adapter,
@@ -32,6 +32,7 @@ __all__ = [
     "adapter_entries",
     "check_adapter",
     "column_norm",
+    "conv",
     "embed",
     "decompose",
     "factored_column_norm",

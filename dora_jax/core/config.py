@@ -239,7 +239,8 @@ class AdapterConfig:
             return (0,)
         raise ShapeError(
             f"kernel {path!r} has shape {shape} ({ndim} axes): say which axes are the input "
-            f"(contracted) ones, e.g. AdapterConfig(input_axes={{{path!r}: (0,)}})"
+            f"(contracted) ones, e.g. AdapterConfig(input_axes={{{path!r}: (0,)}}); an nn.Conv kernel "
+            f"(*window, c_in, c_out) contracts all axes but the last: {tuple(range(ndim - 1))}"
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import json
 import os
 import pathlib
 import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -37,14 +38,20 @@ from dora_jax.io.peft_layout import (
     SAVED_TABLE,
     SUFFIXES,
     WEIGHTS_FILE,
-    kernel_modules,
+    ModuleTable,
+    from_peft,
+    input_axes_of,
+    is_conv,
     keys_by_module,
+    module_table,
     pattern_of,
+    peft_shapes,
     rank_patterns,
     saves_head,
     suffixes_of,
     target_modules,
     targets_of,
+    to_peft,
 )
 from dora_jax.io.safetensors_dir import CheckpointError, SafetensorsDirectory
 
@@ -68,15 +75,19 @@ def export_peft(
     cfg: AdapterConfig,
     out_dir: str | pathlib.Path,
     *,
-    model: Any,
+    model: Any = None,
+    modules: Mapping[str, str] | None = None,
+    params: Any = None,
     base_model_name_or_path: str | None = None,
     head: Any = None,
 ) -> pathlib.Path:
     """Writes ``adapters`` as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads: a
     LoRA / DoRA adapter (``LoraConfig``) or a VeRA one (``VeraConfig`` with ``save_projection``).
 
-    ``head``: the trained ``classifier`` params of a sequence classifier, saved as PEFT saves
-    ``modules_to_save`` (``base_model.model.classifier.weight`` / ``.bias``). PEFT has no DVoRA:
+    The PyTorch module names come from a zoo ``model``, or for any other model from ``modules``
+    ({Flax leaf path: PyTorch module name}, e.g. ``{"conv/kernel": "features.0"}``) with its ``params``
+    (arrays or shapes): Linear, Embedding and Conv1d-3d layers. ``head``: the trained ``classifier``
+    params of a zoo sequence classifier, saved as PEFT saves ``modules_to_save``. PEFT has no DVoRA:
     such adapters are refused (export the merged model instead).
     """
     if cfg.method == "dvora":
@@ -84,24 +95,32 @@ def export_peft(
             "PEFT has no DVoRA (VeRA's update under DoRA's magnitude): export the merged model instead "
             "(python -m dora_jax.export --format=merged, or export.merged=True and export.peft=False in a run)"
         )
-    kernels = kernel_modules(model)
+    table = module_table(model, modules, params)
     entries = adapter_entries(adapters)
     for path in entries:
-        if path not in kernels:
+        if path not in table.names:
             raise TargetError(
-                f"adapter for {path!r} names no 2-D kernel of {type(model).__name__}; its kernels:\n"
-                + "\n".join(f"  {p}" for p in kernels)
+                f"adapter for {path!r} names no kernel of {table.owner} that PEFT adapts; its kernels:\n"
+                + "\n".join(f"  {p}" for p in table.names)
             )
+        shape = table.shapes[path]
+        if is_conv(shape) and cfg.axes_for(path, shape) != tuple(range(len(shape) - 1)):
+            raise ShapeError(
+                f"{path!r}: PEFT's ConvNd adapter contracts the window and input channels, axes "
+                f"{tuple(range(len(shape) - 1))}; AdapterConfig.input_axes gives {cfg.axes_for(path, shape)}"
+            )
+    if head is not None and model is None:
+        raise ConfigError("head= is a zoo sequence classifier's head; with modules= it has no PEFT name")
     write = peft_vera.vera_tensors if cfg.vector_based else _lora_tensors
-    tensors, config = write(adapters, entries, cfg, kernels, model)
+    tensors, config = write(adapters, entries, cfg, table)
     if head is not None:
         tensors[HEAD_KEYS["kernel"]] = np.ascontiguousarray(np.asarray(head["kernel"]).T)
         tensors[HEAD_KEYS["bias"]] = np.asarray(head["bias"])
     config.update(
-        task_type=models.family(model).peft_task_type,
+        task_type=None if model is None else models.family(model).peft_task_type,
         base_model_name_or_path=base_model_name_or_path,
         r=cfg.rank,
-        target_modules=target_modules(list(entries), kernels),
+        target_modules=target_modules(list(entries), table),
         fan_in_fan_out=False,
         bias="none",
         modules_to_save=None if head is None else [models.family(model).head],
@@ -117,20 +136,17 @@ def export_peft(
     return out_dir
 
 
-def _lora_tensors(adapters, entries, cfg, kernels, model) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _lora_tensors(adapters, entries, cfg, table: ModuleTable) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """A LoRA / DoRA adapter's tensors and ``LoraConfig`` fields; magnitude-only modules as rank-1 zero A, B."""
     tensors: dict[str, np.ndarray] = {}
     magnitude_only = [path for path, adapter in entries.items() if "a" not in adapter]
-    shapes = targets.leaves_by_path(models.abstract_params(model)) if magnitude_only else {}
     for path, adapter in entries.items():
-        key, suffixes = PREFIX + kernels[path], suffixes_of(path)
+        key, suffixes, shape = PREFIX + table.names[path], suffixes_of(path), table.shapes[path]
         if "a" not in adapter:  # rank 1, A = B = 0: PEFT's DoRA then computes m * W0 / ||W0||_c
-            d_in, d_out = shapes[path].shape
-            adapter = {"a": np.zeros((d_in, 1), np.float32), "b": np.zeros((1, d_out), np.float32), **adapter}
-        tensors[key + suffixes["a"]] = np.ascontiguousarray(np.asarray(adapter["a"]).T)
-        tensors[key + suffixes["b"]] = np.ascontiguousarray(np.asarray(adapter["b"]).T)
-        if cfg.method == "dora":
-            tensors[key + suffixes["m"]] = np.asarray(adapter["m"])
+            zeros = {"a": np.zeros((*shape[:-1], 1), np.float32), "b": np.zeros((1, shape[-1]), np.float32)}
+            adapter = {**zeros, **adapter}
+        parts = "abm" if cfg.method == "dora" else "ab"
+        tensors.update({key + suffixes[p]: to_peft(p, adapter[p], shape) for p in parts})
     config = {
         "peft_type": "LORA",
         "lora_alpha": cfg.alpha,
@@ -138,7 +154,7 @@ def _lora_tensors(adapters, entries, cfg, kernels, model) -> tuple[dict[str, np.
         "use_dora": cfg.method == "dora",
         "use_rslora": cfg.rslora,
         "init_lora_weights": True if cfg.init == "kaiming_uniform" else "gaussian",
-        "rank_pattern": {pattern: 1 for pattern in rank_patterns(magnitude_only, kernels)},
+        "rank_pattern": {pattern: 1 for pattern in rank_patterns(magnitude_only, table)},
         "alpha_pattern": {},
     }
     return tensors, config
@@ -224,25 +240,29 @@ def _check_saved_tables(
             )
 
 
-def import_peft(in_dir: str | pathlib.Path, params: Any, *, model: Any) -> tuple[dict[str, Any], AdapterConfig]:
-    """(adapters, AdapterConfig) from a PEFT adapter directory (ours or PEFT's) for a zoo model.
+def import_peft(
+    in_dir: str | pathlib.Path, params: Any, *, model: Any = None, modules: Mapping[str, str] | None = None
+) -> tuple[dict[str, Any], AdapterConfig]:
+    """(adapters, AdapterConfig) from a PEFT adapter directory (ours or PEFT's), for a zoo ``model`` or
+    for any model whose PyTorch module names ``modules`` gives ({Flax leaf path: module name}, as for
+    ``export_peft``). A convolution's adapter comes with its ``input_axes`` rule in the config.
 
     A SEQ_CLS adapter's classifier head is not an adapter: ``read_peft_head`` reads it.
     """
     in_dir = pathlib.Path(in_dir)
     config, tensors = _open(in_dir)
+    table = module_table(model, modules, params)
     if config["peft_type"] == "VERA":
-        return peft_vera.import_vera(in_dir, config, tensors, params, model)
+        return peft_vera.import_vera(in_dir, config, tensors, params, table)
     weights = in_dir / WEIGHTS_FILE
-    kernels = kernel_modules(model)
-    paths = {hf: path for path, hf in kernels.items()}
+    paths = {hf: path for path, hf in table.names.items()}
     method = "dora" if config.get("use_dora") else "lora"
     parts = "abm" if method == "dora" else "ab"
     head_keys = set(HEAD_KEYS.values()) if saves_head(config) else set()
     saved_tables = {key for key in tensors.names() if key.endswith(SAVED_TABLE)}
     _check_saved_tables(saved_tables, tensors, paths, params, weights)
     suffixes = [*SUFFIXES.items(), *EMBEDDING_SUFFIXES.items()]
-    by_module = keys_by_module(set(tensors.names()) - head_keys - saved_tables, suffixes, paths, weights, model)
+    by_module = keys_by_module(set(tensors.names()) - head_keys - saved_tables, suffixes, table, weights)
     for keys in by_module.values():
         if "m" in keys and "m" not in parts:
             raise ConfigError(
@@ -250,11 +270,11 @@ def import_peft(in_dir: str | pathlib.Path, params: Any, *, model: Any) -> tuple
             )
     if not by_module:
         raise CheckpointError(f"{weights}: holds no LoRA tensors")
-    leaves = targets.leaves_by_path(params)
     rank_pattern = config.get("rank_pattern") or {}
     flat, magnitudes = {}, {}
     for module, keys in by_module.items():
-        missing = [PREFIX + module + suffixes_of(paths[module])[p] for p in parts if p not in keys]
+        path = paths[module]
+        missing = [PREFIX + module + suffixes_of(path)[p] for p in parts if p not in keys]
         if missing:
             raise CheckpointError(f"{weights}: module {module!r} lacks {missing}")
         pattern = pattern_of(module, rank_pattern)
@@ -266,29 +286,30 @@ def import_peft(in_dir: str | pathlib.Path, params: Any, *, model: Any) -> tuple
                 "are zero (a magnitude-only module, as dora_jax exports it)"
             )
         rank = int(config["r"] if pattern is None else rank_pattern[pattern])
-        d_in, d_out = leaves[paths[module]].shape
-        expected = {"a": (rank, d_in), "b": (d_out, rank), "m": (d_out,)}
+        shape = table.shapes[path]
+        expected = peft_shapes(shape, rank, embedding=path.endswith("/embedding"))
         for part, key in keys.items():
             if tensors.shape(key) != expected[part]:
                 raise ShapeError(
                     f"{weights}: {key!r} has shape {tensors.shape(key)}; r={rank} and the kernel "
-                    f"{paths[module]!r} of shape {(d_in, d_out)} need {expected[part]}"
+                    f"{path!r} of shape {shape} need {expected[part]}"
                 )
-        arrays = {p: jnp.asarray(np.array(tensors.get(k)).T) for p, k in keys.items()}
+        arrays = {p: jnp.asarray(from_peft(p, np.array(tensors.get(k)), shape)) for p, k in keys.items()}
         if pattern is None:
-            flat[paths[module]] = arrays
+            flat[path] = arrays
         else:
-            magnitudes[paths[module]] = {"m": arrays["m"]}
+            magnitudes[path] = {"m": arrays["m"]}
     if not flat:
         raise ConfigError(f"{weights}: every module is magnitude-only; at least one needs lora_A and lora_B")
     cfg = AdapterConfig(
         method=method,
         rank=int(config["r"]),
         alpha=float(config["lora_alpha"]),
-        targets=targets_of(list(flat), kernels),
-        magnitude_targets=targets_of(list(magnitudes), kernels) if magnitudes else "",
+        targets=targets_of(list(flat), table),
+        magnitude_targets=targets_of(list(magnitudes), table) if magnitudes else "",
         dropout=float(config.get("lora_dropout") or 0.0),
         rslora=bool(config.get("use_rslora", False)),
         init="gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming_uniform",
+        input_axes=input_axes_of([*flat, *magnitudes], table),
     )
     return targets.nest({**flat, **magnitudes}), cfg

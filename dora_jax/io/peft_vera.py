@@ -16,7 +16,8 @@ from dora_jax.io.peft_layout import (
     HEAD_KEYS,
     PREFIX,
     WEIGHTS_FILE,
-    kernel_modules,
+    ModuleTable,
+    is_conv,
     keys_by_module,
     saves_head,
     targets_of,
@@ -27,15 +28,15 @@ VERA_SUFFIXES = {"lambda_d": ".vera_lambda_d", "lambda_b": ".vera_lambda_b"}
 PROJECTION_KEYS = {"shared_a": "base_model.vera_A", "shared_b": "base_model.vera_B"}
 
 
-def vera_tensors(adapters, entries, cfg, kernels, model) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def vera_tensors(adapters, entries, cfg, table: ModuleTable) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """A VeRA adapter's tensors (vectors per module, the shared projections once) and ``VeraConfig`` fields."""
     tensors: dict[str, np.ndarray] = {}
-    tables = [path for path in entries if path.endswith("/embedding")]
-    if tables:
-        raise ConfigError(f"PEFT's VeRA adapts Linear layers only; these targets are embedding tables: {tables}")
+    others = [path for path in entries if path.endswith("/embedding") or is_conv(table.shapes[path])]
+    if others:
+        raise ConfigError(f"PEFT's VeRA adapts Linear layers only; these targets are tables or convolutions: {others}")
     for path, adapter in entries.items():
         for part in ("lambda_d", "lambda_b"):
-            tensors[PREFIX + kernels[path] + VERA_SUFFIXES[part]] = np.asarray(adapter[part])
+            tensors[PREFIX + table.names[path] + VERA_SUFFIXES[part]] = np.asarray(adapter[part])
     projection = vera.projection_of(adapters)
     for part, key in PROJECTION_KEYS.items():  # PyTorch layout: vera_A (r, d_in), vera_B (d_out, r)
         tensors[key] = np.ascontiguousarray(np.asarray(projection[part]).T)
@@ -53,7 +54,7 @@ def vera_tensors(adapters, entries, cfg, kernels, model) -> tuple[dict[str, np.n
 
 
 def import_vera(
-    in_dir: pathlib.Path, config: dict[str, Any], tensors: SafetensorsDirectory, params: Any, model: Any
+    in_dir: pathlib.Path, config: dict[str, Any], tensors: SafetensorsDirectory, params: Any, table: ModuleTable
 ) -> tuple[dict[str, Any], AdapterConfig]:
     """A PEFT VeRA adapter: the vectors of each module and the shared projections it saved."""
     weights = in_dir / WEIGHTS_FILE
@@ -65,11 +66,10 @@ def import_vera(
             "them with torch's generator from projection_prng_key, which JAX does not reproduce; save the "
             "adapter with VeraConfig(save_projection=True)"
         )
-    kernels = kernel_modules(model)
-    paths = {hf: path for path, hf in kernels.items()}
+    paths = {hf: path for path, hf in table.names.items()}
     head_keys = set(HEAD_KEYS.values()) if saves_head(config) else set()
     keys = names - head_keys - set(PROJECTION_KEYS.values())
-    by_module = keys_by_module(keys, list(VERA_SUFFIXES.items()), paths, weights, model)
+    by_module = keys_by_module(keys, list(VERA_SUFFIXES.items()), table, weights)
     if not by_module:
         raise CheckpointError(f"{weights}: holds no VeRA vectors")
     rank, leaves, flat = int(config["r"]), targets.leaves_by_path(params), {}
@@ -77,7 +77,7 @@ def import_vera(
         lacking = [PREFIX + module + VERA_SUFFIXES[p] for p in VERA_SUFFIXES if p not in keys]
         if lacking:
             raise CheckpointError(f"{weights}: module {module!r} lacks {lacking}")
-        d_out = leaves[paths[module]].shape[1]
+        d_out = leaves[paths[module]].shape[-1]
         for part, shape in (("lambda_d", (rank,)), ("lambda_b", (d_out,))):
             if tensors.shape(keys[part]) != shape:
                 raise ShapeError(
@@ -90,7 +90,7 @@ def import_vera(
     cfg = AdapterConfig(
         method="vera",
         rank=rank,
-        targets=targets_of(list(flat), kernels),
+        targets=targets_of(list(flat), table),
         dropout=float(config.get("vera_dropout") or 0.0),
         projection_seed=int(config.get("projection_prng_key", 0)),
         d_initial=float(config.get("d_initial", 0.1)),
