@@ -78,13 +78,23 @@ def build_synthetic_base(config: ml_collections.ConfigDict) -> pathlib.Path:
     return target
 
 
-def base_module(config: ml_collections.ConfigDict) -> Any:
-    """The module of the run's base model from its config alone (no weights read or built)."""
+def base_module(config: ml_collections.ConfigDict, **module: Any) -> Any:
+    """The module of the run's base model from its config alone (no weights read or built); ``module``:
+    ``models.from_hf_config``'s options (dtype, param_dtype, remat)."""
     if config.model.hf_dir in ("", "random"):
-        return models.from_hf_config(config.model.base.architecture.to_dict())
+        return models.from_hf_config(config.model.base.architecture.to_dict(), **module)
     hf_dir = run_config.require_path("model.hf_dir", config.model.hf_dir)
     hf = io.read_config(hf_dir)
-    return models.from_hf_config(io.classifier_config(hf, config.model.num_labels) if config.model.num_labels else hf)
+    hf = io.classifier_config(hf, config.model.num_labels) if config.model.num_labels else hf
+    return models.from_hf_config(hf, **module)
+
+
+def abstract_base(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    """(model, params) as ``load_base`` gives them, the params as ``jax.ShapeDtypeStruct``: from the
+    model's ``config.json`` (or the random base's architecture) alone, no weight read or built."""
+    dtype, compute = jnp.dtype(config.model.dtype), jnp.dtype(config.model.compute_dtype)
+    model = base_module(config, dtype=compute, param_dtype=dtype, remat=config.model.remat)
+    return model, jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype), models.abstract_params(model))
 
 
 def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Any]:

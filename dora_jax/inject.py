@@ -263,7 +263,12 @@ def _run(apply_fn: Callable[..., Any], params: Any, router: _Router, args, kwarg
 def _unrouted(apply_fn, cfg, entries, projection, params, args, kwargs, collections_) -> dict[str, str]:
     """{path: reason} after one abstract trace: the targets no layer call can route."""
     probe = _Router(entries, cfg, None, projection)
-    jax.eval_shape(lambda: _run(apply_fn, params, probe, args, kwargs, collections_))
+
+    def trace(params, entries, projection):  # arrays or jax.ShapeDtypeStruct alike
+        probe.entries, probe.projection = entries, projection
+        return _run(apply_fn, params, probe, args, kwargs, collections_)
+
+    jax.eval_shape(trace, params, entries, projection)
     # A leaf one call could not route is merged even where another call was routed: every read then sees W'.
     routed = probe.handled - set(probe.refused)
     return {p: probe.refused.get(p, NOT_READ) for p in sorted(set(entries) - routed)}

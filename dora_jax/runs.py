@@ -23,7 +23,7 @@ import jax
 import ml_collections
 
 from dora_jax import io, models, optim, parallel, run_config
-from dora_jax.base_model import base_module, load_base
+from dora_jax.base_model import abstract_base, base_module, load_base
 from dora_jax.core import AdapterConfig, init_adapters, merge
 from dora_jax.errors import ConfigError, InjectError
 from dora_jax.inject import describe, inject, merged_targets
@@ -167,22 +167,38 @@ def place(config: ml_collections.ConfigDict, mesh: Any = None) -> LoadedRun:
     """The base model of ``config`` with new adapters (seeded by ``config.seed``), on ``mesh``
     (default: ``make_mesh(config)``); checks ``config`` first."""
     run_config.check(config)
+    model, params = load_base(config)
+    return _place(config, mesh, model, params, jax.device_put, init_adapters)
+
+
+def place_abstract(config: ml_collections.ConfigDict, mesh: Any = None) -> LoadedRun:
+    """``place`` on shapes: every tree holds ``jax.ShapeDtypeStruct`` with its sharding, from the base
+    model's config alone; nothing is read or allocated (what scripts/memory_plan.py compiles)."""
+    run_config.check(config)
+    model, params = abstract_base(config)
+
+    def init(rng, params, cfg):
+        return jax.eval_shape(lambda p: init_adapters(rng, p, cfg), params)
+
+    return _place(config, mesh, model, params, abstract, init)
+
+
+def _place(config, mesh, model, params, put, init) -> LoadedRun:
     mesh = make_mesh(config) if mesh is None else mesh
     rules = parallel.rules_from(config.mesh.rules)
-    model, params = load_base(config)
     logical = models.logical_axes(model)
     param_sharding = parallel.param_shardings(logical, params, mesh, rules)
-    params = jax.device_put(params, param_sharding)
+    params = put(params, param_sharding)
     adapter_cfg = run_config.adapter_config(config)
     mask = what_trains(model, params, config.train.finetune)
     trained, frozen = optim.partition(params, mask)
     trained_sharding, frozen_sharding = optim.partition(param_sharding, mask)
     adapters = adapter_sharding = None
     if adapter_cfg is not None:
-        adapters = init_adapters(jax.random.key(config.seed), params, adapter_cfg)
+        adapters = init(jax.random.key(config.seed), params, adapter_cfg)
         report_merged_targets(model, params, adapters, adapter_cfg)
         adapter_sharding = parallel.adapter_shardings(adapters, logical, mesh, rules)
-        adapters = jax.device_put(adapters, adapter_sharding)
+        adapters = put(adapters, adapter_sharding)
     return LoadedRun(
         config,
         mesh,

@@ -134,9 +134,17 @@ def build(config: ml_collections.ConfigDict) -> Training:
     if source.vocab_size > module.config.vocab_size:
         raise ConfigError(f"data needs a vocabulary of {source.vocab_size}; the model has {module.config.vocab_size}")
     run = runs.place(config, mesh)
-
     tx = optim.make_optimizer(config.train, run.trainable)
-    replicated = parallel.replicated(mesh)
+    metrics = metrics_lib.classification_metrics if classify else metrics_lib.lm_metrics
+    train_step, state_sharding = jit_train_step(run, tx, metrics)
+    state = jax.jit(functools.partial(optim.init_state, tx), out_shardings=state_sharding)(run.trainable)
+    return Training(run, source, state, state_sharding, train_step, run.jit_metric(metrics))
+
+
+def jit_train_step(run: runs.LoadedRun, tx: optax.GradientTransformation, metrics: Any) -> tuple[Any, Any]:
+    """The run's jitted train step ``(state, frozen, batch, rng) -> (state, sums)`` and the sharding of
+    its state; ``run``'s trees may be abstract (``jax.ShapeDtypeStruct``: what scripts/memory_plan.py compiles)."""
+    replicated = parallel.replicated(run.mesh)
     opt_sharding = optax.tree_map_params(  # the moments of a leaf shard like the leaf; a group's others stay masked
         tx,
         lambda leaf, s: leaf if isinstance(leaf, optax.MaskedNode) else s,
@@ -146,17 +154,14 @@ def build(config: ml_collections.ConfigDict) -> Training:
         is_leaf=lambda node: isinstance(node, optax.MaskedNode),
     )
     state_sharding = {"step": replicated, "trainable": run.trainable_sharding, "opt_state": opt_sharding}
-    metrics = metrics_lib.classification_metrics if classify else metrics_lib.lm_metrics
+    forward = runs.make_forward(run.model, run.adapter_cfg)
     train_step = jax.jit(
-        optim.make_train_step(
-            runs.make_forward(run.model, run.adapter_cfg), tx, metrics, grad_accum=config.train.grad_accum
-        ),
+        optim.make_train_step(forward, tx, metrics, grad_accum=run.config.train.grad_accum),
         in_shardings=(state_sharding, run.frozen_sharding, run.batch_sharding, replicated),
         out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),
     )
-    state = jax.jit(functools.partial(optim.init_state, tx), out_shardings=state_sharding)(run.trainable)
-    return Training(run, source, state, state_sharding, train_step, run.jit_metric(metrics))
+    return train_step, state_sharding
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
