@@ -53,6 +53,8 @@ SLOWEST_FIRST = (
     "test_peft_interop.py",
     "test_folded.py",
     "test_cost.py",
+    "test_conv.py",
+    "test_memory_plan.py",
 )
 
 
