@@ -140,12 +140,12 @@ def _lora_tensors(adapters, entries, cfg, table: ModuleTable) -> tuple[dict[str,
     """A LoRA / DoRA adapter's tensors and ``LoraConfig`` fields; magnitude-only modules as rank-1 zero A, B."""
     tensors: dict[str, np.ndarray] = {}
     magnitude_only = [path for path, adapter in entries.items() if "a" not in adapter]
+    parts = "abm" if cfg.method == "dora" else "ab"
     for path, adapter in entries.items():
         key, suffixes, shape = PREFIX + table.names[path], suffixes_of(path), table.shapes[path]
         if "a" not in adapter:  # rank 1, A = B = 0: PEFT's DoRA then computes m * W0 / ||W0||_c
             zeros = {"a": np.zeros((*shape[:-1], 1), np.float32), "b": np.zeros((1, shape[-1]), np.float32)}
             adapter = {**zeros, **adapter}
-        parts = "abm" if cfg.method == "dora" else "ab"
         tensors.update({key + suffixes[p]: to_peft(p, adapter[p], shape) for p in parts})
     config = {
         "peft_type": "LORA",
