@@ -3,7 +3,7 @@
     python -m scripts.benchmark                         # MiniLM and Llama shapes, 16 x 128 tokens, r=16
     python -m scripts.benchmark --models minilm --steps 20 --json out.json
     python -m scripts.benchmark --device-count 8        # sharded (data parallel) on 8 forced host devices
-    python -m scripts.benchmark --models minilm --peft  # with PyTorch PEFT's full / LoRA / DoRA steps
+    python -m scripts.benchmark --models minilm --peft  # with PyTorch PEFT's full / LoRA / DoRA steps (both shapes)
     python -m scripts.benchmark --models llama --llama-hidden 2048 --llama-layers 16 --llama-vocab 32000 \
         --dtype bfloat16 --batch 16 --seq 1024 --paths factored,folded --peak-tflops 989  # ~1B Llama, H200, MFU
 
@@ -53,10 +53,13 @@ def parse_args(argv=None):
     parser.add_argument("--device-count", type=int, default=0, help="forced host devices (data parallel)")
     parser.add_argument("--json", default="", help="also write the results to this file")
     parser.add_argument(
-        "--peak-tflops", type=float, default=0.0, help="device peak TFLOP/s for the compute dtype: adds MFU"
+        "--peak-tflops",
+        default="0",
+        help="device peak TFLOP/s for the compute dtype: adds MFU; 'auto': the bfloat16 peak of a known device",
     )
+    parser.add_argument("--markdown", default="", help="also write the table (markdown) to this file")
     parser.add_argument(
-        "--peft", action="store_true", help="also time PyTorch PEFT (full, LoRA, DoRA) on the MiniLM shape, same loop"
+        "--peft", action="store_true", help="also time PyTorch PEFT (full, LoRA, DoRA) on the same shapes, same loop"
     )
     return parser.parse_args(argv)
 
@@ -227,8 +230,8 @@ def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
             run = {"step": step, "state": state, "frozen": frozen, "figures": figures, "times": []}
             run["advance"] = lambda run=run: _advance(run, batch)
             runs[key] = run
-    if args.peft and name == "minilm":
-        runs.update(peft_runs(hf_config, ids, target, args))
+    if args.peft:
+        runs.update(peft_runs(name, hf_config, ids, target, args))
     for _ in range(args.warmup):
         for run in runs.values():
             run["advance"]()
@@ -259,7 +262,7 @@ def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
                 "peak_vs_lora": figures["peak_mib"] / runs[lora]["figures"]["peak_mib"] if figures else None,
                 "gflop": figures.get("gflop"),
                 "peak_mib": figures.get("peak_mib"),
-                "mfu": mfu(figures.get("gflop"), medians[key], args.peak_tflops),
+                "mfu": mfu(figures.get("gflop"), medians[key], peak_tflops(args.peak_tflops)),
                 "temp_mib": figures.get("temp_mib"),
                 "devices": len(devices),
             }
@@ -272,40 +275,56 @@ def regression_target(batch: int, seq: int, hidden: int) -> np.ndarray:
     return np.random.default_rng(3).standard_normal((batch, seq, hidden), dtype=np.float32)
 
 
-def peft_runs(hf_config: dict, ids, target: np.ndarray, args) -> dict:
-    """PyTorch steps of the same shape and loss: full fine-tuning, PEFT LoRA and PEFT DoRA (AdamW, eager)."""
+def peft_runs(name: str, hf_config: dict, ids, target: np.ndarray | None, args) -> dict:
+    """PyTorch steps of the same shape and loss: full fine-tuning, PEFT LoRA and PEFT DoRA (AdamW, eager;
+    on the GPU when torch sees one, under bfloat16 autocast when ``--dtype bfloat16``)."""
     import peft
     import torch
     import transformers
 
-    config = transformers.BertConfig(**hf_config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    tokens = torch.tensor(np.asarray(ids), dtype=torch.long)
-    target = torch.from_numpy(target)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokens = torch.tensor(np.asarray(ids), dtype=torch.long, device=device)
+    if name == "minilm":
+        config = transformers.BertConfig(**hf_config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        build, modules = transformers.BertModel, r".*encoder.*\.(query|key|value|dense)"  # every encoder linear
+        goal = torch.from_numpy(target).to(device)
+
+        def loss_of(model):
+            return (model(input_ids=tokens).last_hidden_state.float() - goal).pow(2).mean()
+    else:
+        config = transformers.LlamaConfig(**{k: v for k, v in hf_config.items() if k != "model_type"})
+        build, modules = transformers.LlamaForCausalLM, r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+        def loss_of(model):  # next token; the last position scores nothing (as ``batch_of``)
+            logits = model(input_ids=tokens).logits[:, :-1].float()
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
     runs = {}
     for variant in ("full", "lora", "dora"):
         torch.manual_seed(0)
-        model = transformers.BertModel(config)
+        model = build(config)
         if variant != "full":
             lora = peft.LoraConfig(
                 r=args.rank,
                 lora_alpha=2 * args.rank,
-                target_modules=r".*encoder.*\.(query|key|value|dense)",  # every linear layer of the encoder
+                target_modules=modules,
                 use_dora=variant == "dora",
                 lora_dropout=0.0,
             )
             model = peft.get_peft_model(model, lora)
-            for name, p in model.named_parameters():  # B != 0: a trained adapter, as for the JAX variants
-                if "lora_B" in name:
+            for key, p in model.named_parameters():  # B != 0: a trained adapter, as for the JAX variants
+                if "lora_B" in key:
                     torch.nn.init.constant_(p, 0.01)
-        model.train()
+        model.to(device).train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def advance(model=model, optimizer=optimizer):
             optimizer.zero_grad(set_to_none=True)
-            loss = (model(input_ids=tokens).last_hidden_state - target).pow(2).mean()
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+                loss = loss_of(model)
             loss.backward()
             optimizer.step()
-            return loss.item()
+            return loss.item()  # waits for the device
 
         runs[f"peft_{variant}/torch"] = {"advance": advance, "figures": {}, "times": []}
     return runs
@@ -314,6 +333,29 @@ def peft_runs(hf_config: dict, ids, target: np.ndarray, args) -> dict:
 def _advance(run, batch):
     run["state"], out = run["step"](run["state"], run["frozen"], batch, jax.random.key(0))
     return jax.block_until_ready(out["loss"])
+
+
+# Dense bfloat16 peak TFLOP/s per device, by a substring of jax's device_kind (vendor data sheets).
+PEAK_BF16_TFLOPS = (
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L4", 121.0),
+    ("TPU v4", 275.0),
+    ("TPU v5 lite", 197.0),
+    ("TPU v5e", 197.0),
+    ("TPU v5p", 459.0),
+    ("TPU v5", 459.0),
+    ("TPU v6", 918.0),
+)
+
+
+def peak_tflops(value: str) -> float:
+    """``--peak-tflops``: a number, or 'auto' (the device's bfloat16 peak; 0, no MFU, for an unknown device)."""
+    if value != "auto":
+        return float(value)
+    kind = jax.devices()[0].device_kind
+    return next((peak for name, peak in PEAK_BF16_TFLOPS if name in kind), 0.0)
 
 
 def mfu(gflop: float | None, seconds: float, peak_tflops: float) -> float | None:
@@ -345,15 +387,19 @@ def main(args) -> list[dict]:
     rows = []
     for name, hf_config in model_shapes(args).items():
         rows += benchmark_model(name, hf_config, args)
-    print(
-        f"devices: {jax.device_count()} x {jax.devices()[0].platform}; batch {args.batch} x {args.seq} tokens; "
-        f"r={args.rank}; compute {args.dtype}"
+    heading = (
+        f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; batch {args.batch} x {args.seq} tokens; "
+        f"r={args.rank}; compute {args.dtype}; peak {peak_tflops(args.peak_tflops) or '–'} TFLOP/s"
     )
+    print(heading)
     print(table(rows))
     print(json.dumps(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"{heading}\n\n{table(rows)}\n")
     return rows
 
 

@@ -34,7 +34,7 @@ def test_every_variant_of_every_model_is_measured(rows):
     variants = {(r["model"], r["variant"]) for r in rows}
     llama = {("llama", v) for v in expected_variants(("factored", "merge"), CORE)}
     minilm = {("minilm", v) for v in expected_variants(("folded",), [v[0] for v in benchmark.VARIANTS[1:]])}
-    peft = {("minilm", f"peft_{v}/torch") for v in ("full", "lora", "dora")}  # --peft: the MiniLM shape only
+    peft = {("minilm", f"peft_{v}/torch") for v in ("full", "lora", "dora")}  # the fixture asks --peft for MiniLM
     assert variants == llama | minilm | peft
     jax_rows = [r for r in rows if not r["variant"].endswith("/torch")]
     assert all(r["ms_per_step"] > 0 and r["gflop"] > 0 and r["peak_mib"] > 0 for r in jax_rows)
@@ -95,3 +95,30 @@ def test_the_minilm_loss_has_a_gradient():
     grads = jax.jit(jax.grad(lambda p: loss(p)["loss_sum"]))(params)
     kernels = [g for path, g in jax.tree_util.tree_leaves_with_path(grads) if "kernel" in jax.tree_util.keystr(path)]
     assert optax.tree.norm(kernels) > 1e-2  # what the adapters learn from; the LayerNorm scales learn anyway
+
+
+def test_the_device_check_runs_end_to_end_on_a_tiny_cpu_shape(tmp_path):
+    """scripts/device_check.sh as a lent GPU runs it, on the tiny shape: every row, JSON and markdown."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, DEVICE_CHECK_SHAPE="tiny")
+    result = subprocess.run(
+        ["bash", "scripts/device_check.sh", str(tmp_path)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "device_check.json").read_text())
+    jax_side = {f"{v}/{p}" for v in ("lora", "dora_exact", "dora_detach") for p in ("factored", "folded")} | {"full"}
+    assert {r["variant"] for r in rows} == jax_side | {f"peft_{v}/torch" for v in ("full", "lora", "dora")}
+    assert all(r["model"] == "llama" and np.isfinite(r["loss"]) for r in rows)
+    assert all(r["mfu"] is None for r in rows)  # a CPU has no known bfloat16 peak
+    markdown = (tmp_path / "device_check.md").read_text()
+    assert markdown.startswith("devices: 1 x cpu") and "| llama | peft_dora/torch |" in markdown

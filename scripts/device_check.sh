@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The accelerator check: what a lent GPU (or TPU) machine runs in a few minutes, nothing to install
+# beyond JAX, Flax, Optax, Orbax, PyTorch and PEFT. The benchmark (scripts/benchmark.py) on a ~1B Llama
+# shape, bfloat16 compute over float32 params: full fine-tuning, LoRA and DoRA (exact and detached
+# norm) on the factored and folded forwards, and PEFT's full / LoRA / DoRA steps of the same shape and
+# loss in the same round-robin loop; tokens/s, MFU (compiled FLOPs over the device's bfloat16 peak,
+# 'auto' from its device_kind), peak memory. Writes DIR/device_check.json and DIR/device_check.md
+# (DIR: $1, else $OUT when set, as on the device machine, else device_check/).
+#
+#   bash scripts/device_check.sh                 # ~1B shape: hidden 2048, 16 layers, 32k vocab, 16 x 1024 tokens
+#   DEVICE_CHECK_SHAPE=tiny bash scripts/device_check.sh /tmp/check   # the test suite's CPU run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-device_check}}"
+mkdir -p "$out"
+python="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+# PyTorch shares the device with JAX in one process: JAX must not take 75% of its memory up front.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+if [ "${DEVICE_CHECK_SHAPE:-1b}" = tiny ]; then
+  shape=(--llama-hidden 64 --llama-layers 1 --llama-vocab 128 --batch 2 --seq 16 --rank 2 --steps 2 --warmup 1
+    --dtype float32)
+else
+  shape=(--llama-hidden 2048 --llama-layers 16 --llama-vocab 32000 --batch 16 --seq 1024 --rank 16 --steps 10
+    --warmup 2 --dtype bfloat16)
+fi
+"$python" -c 'import jax; print("devices:", jax.devices())'
+"$python" -m scripts.benchmark --models llama "${shape[@]}" --paths factored,folded \
+  --variants dora_exact,dora_detach --peft --peak-tflops auto \
+  --json "$out/device_check.json" --markdown "$out/device_check.md"
+echo "written: $out/device_check.json, $out/device_check.md"
