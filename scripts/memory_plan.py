@@ -72,9 +72,12 @@ def sequence_length(config: ml_collections.ConfigDict) -> int:
     return config.data.cutoff_len if source == "classification" else config.data.cutoff_len - 1
 
 
-def abstract_batch(config: ml_collections.ConfigDict, model: Any, sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:
-    """One training batch's shapes: next-token rows for a causal LM, a classifier's rows otherwise."""
-    rows, length = config.train.batch_size, sequence_length(config)
+def abstract_batch(
+    config: ml_collections.ConfigDict, model: Any, length: int, sharding: Any
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """One training batch's shapes (rows of ``length`` tokens): next-token rows for a causal LM, a
+    classifier's rows otherwise."""
+    rows = config.train.batch_size
 
     def spec(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
@@ -96,14 +99,15 @@ def plan(config: ml_collections.ConfigDict) -> dict[str, Any]:
     )
     state = runs.abstract(jax.eval_shape(functools.partial(optim.init_state, tx), run.trainable), state_sharding)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(run.mesh))
-    batch = abstract_batch(config, run.model, run.batch_sharding)
+    length = sequence_length(config)
+    batch = abstract_batch(config, run.model, length, run.batch_sharding)
     compiled = step.lower(state, run.frozen, batch, rng).compile()
     memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
     out = {
         "devices": run.mesh.size,
         "mesh": dict(run.mesh.shape),
         "method": run_config.method_name(config),
-        "batch": [config.train.batch_size, sequence_length(config)],
+        "batch": [config.train.batch_size, length],
         "argument_bytes": memory.argument_size_in_bytes,
         "output_bytes": memory.output_size_in_bytes,
         "temp_bytes": memory.temp_size_in_bytes,

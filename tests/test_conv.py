@@ -266,6 +266,8 @@ def test_a_modules_mapping_names_its_problems(twins, tmp_path):
     adapters = dj.init_adapters(jax.random.key(1), params, cfg)
     with pytest.raises(TargetError, match=r"modules= names \['conv9/kernel'\], no leaves"):
         dj.io.export_peft(adapters, cfg, tmp_path, modules={"conv9/kernel": "conv9"}, params=params)
+    with pytest.raises(dj.ConfigError, match=r"modules= maps several leaves to the PyTorch modules \['x'\]"):
+        dj.io.export_peft(adapters, cfg, tmp_path, modules={"conv1/kernel": "x", "conv2/kernel": "x"}, params=params)
     with pytest.raises(dj.ConfigError, match="modules= needs params="):
         dj.io.export_peft(adapters, cfg, tmp_path, modules=MODULES)
     with pytest.raises(

@@ -18,10 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-from jax import lax
 
 from dora_jax.core.config import AdapterConfig
-from dora_jax.core.dora import Adapter, column_norm, factored_column_norm, low_rank_dropout
+from dora_jax.core.dora import Adapter, column_scale, low_rank_dropout
 
 Convolution = Callable[[jax.Array, jax.Array], jax.Array]  # (x, kernel of any c_out) -> (..., c_out), no bias
 
@@ -44,15 +43,12 @@ def factored_conv(
     magnitude-only adapter has m alone: ``(m / ||W0||_c) conv(x, W0) + bias``.
     """
     z = conv(x, w0)
-    matrix = w0.reshape(-1, w0.shape[-1])
     if "a" in adapter:
         a, b = adapter["a"], adapter["b"]
         branch = low_rank_dropout(x, cfg.dropout, dropout_rng)
         hidden = conv(branch, a.reshape(w0.shape[:-1] + (a.shape[-1],)).astype(z.dtype))
         z = z + hidden @ (cfg.scale * b).astype(z.dtype)
-    if cfg.decomposed:
-        norm = factored_column_norm(matrix, a, b, cfg.scale) if "a" in adapter else column_norm(matrix)
-        if cfg.norm_grad == "detach":
-            norm = lax.stop_gradient(norm)
-        z = z * (adapter["m"].astype(norm.dtype) / norm).astype(z.dtype)
+    scale = column_scale(w0.reshape(-1, w0.shape[-1]), adapter, cfg)
+    if scale is not None:
+        z = z * scale.astype(z.dtype)
     return z if bias is None else z + bias.astype(z.dtype)

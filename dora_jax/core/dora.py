@@ -160,6 +160,21 @@ def merge_kernel(
     return layout.from_matrix(merged.astype(kernel.dtype))
 
 
+def column_scale(w0: jax.Array, adapter: Adapter, cfg: AdapterConfig) -> jax.Array | None:
+    """``m / n`` per output column of a (d_in, d_out) kernel and matrix-shaped adapter, ``n`` the factored
+    norm of ``W0 + s A B`` (``||W0||_c`` for a magnitude-only adapter), detached for norm_grad="detach";
+    None for LoRA / VeRA. For layers whose output the scale multiplies (embeddings, convolutions)."""
+    if not cfg.decomposed:
+        return None
+    if "a" in adapter:
+        norm = factored_column_norm(w0, adapter["a"], adapter["b"], cfg.scale)
+    else:
+        norm = column_norm(w0)
+    if cfg.norm_grad == "detach":
+        norm = lax.stop_gradient(norm)
+    return adapter["m"].astype(norm.dtype) / norm
+
+
 def low_rank_dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     """Inverted dropout on the low-rank branch input; the identity when rate is 0 or rng is None."""
     if rate == 0.0 or rng is None:

@@ -13,23 +13,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from dora_jax.core.config import AdapterConfig
-from dora_jax.core.dora import Adapter, column_norm, factored_column_norm
-
-
-def _column_scale(w0: jax.Array, adapter: Adapter, cfg: AdapterConfig) -> jax.Array | None:
-    """``m / n`` per feature (None for LoRA / VeRA); ``n`` detached for norm_grad="detach"."""
-    if not cfg.decomposed:
-        return None
-    if "a" in adapter:
-        norm = factored_column_norm(w0, adapter["a"], adapter["b"], cfg.scale)
-    else:
-        norm = column_norm(w0)
-    if cfg.norm_grad == "detach":
-        norm = lax.stop_gradient(norm)
-    return adapter["m"].astype(norm.dtype) / norm
+from dora_jax.core.dora import Adapter, column_scale
 
 
 def lookup(ids: jax.Array, w0: jax.Array, adapter: Adapter, cfg: AdapterConfig) -> jax.Array:
@@ -41,13 +27,13 @@ def lookup(ids: jax.Array, w0: jax.Array, adapter: Adapter, cfg: AdapterConfig) 
     if "a" in adapter:
         low = jnp.take(adapter["a"], ids, axis=0).astype(w0.dtype) @ (cfg.scale * adapter["b"]).astype(w0.dtype)
         rows = rows + low
-    scale = _column_scale(w0, adapter, cfg)
+    scale = column_scale(w0, adapter, cfg)
     return rows if scale is None else rows * scale.astype(rows.dtype)
 
 
 def attend(query: jax.Array, w0: jax.Array, adapter: Adapter, cfg: AdapterConfig) -> jax.Array:
     """``query @ W'^T`` (a head tied to the table): ``(q m/n) W0^T + s ((q m/n) B^T) A^T``."""
-    scale = _column_scale(w0, adapter, cfg)
+    scale = column_scale(w0, adapter, cfg)
     if scale is not None:
         query = query * scale.astype(query.dtype)
     logits = query @ w0.astype(query.dtype).T

@@ -3,6 +3,7 @@ zoo model's leaves, with the target patterns that select them both ways (PEFT's 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import pathlib
 import re
@@ -62,7 +63,7 @@ def module_table(model: Any = None, modules: Mapping[str, str] | None = None, pa
         raise TargetError(
             f"modules= names {unknown}, no leaves of the parameter tree. Available leaves:\n" + targets.describe(params)
         )
-    repeated = sorted({name for name in modules.values() if list(modules.values()).count(name) > 1})
+    repeated = sorted(name for name, count in collections.Counter(modules.values()).items() if count > 1)
     if repeated:
         raise ConfigError(f"modules= maps several leaves to the PyTorch modules {repeated}")
     shapes = {path: tuple(leaves[path].shape) for path in modules}
