@@ -80,7 +80,7 @@ def build_synthetic_base(config: ml_collections.ConfigDict) -> pathlib.Path:
 
 def base_module(config: ml_collections.ConfigDict, **module: Any) -> Any:
     """The module of the run's base model from its config alone (no weights read or built); ``module``:
-    ``models.from_hf_config``'s options (dtype, param_dtype, remat)."""
+    ``models.from_hf_config``'s options (dtype, param_dtype, remat, scan_layers, attention)."""
     if config.model.hf_dir in ("", "random"):
         return models.from_hf_config(config.model.base.architecture.to_dict(), **module)
     hf_dir = run_config.require_path("model.hf_dir", config.model.hf_dir)
@@ -93,7 +93,7 @@ def abstract_base(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     """(model, params) as ``load_base`` gives them, the params as ``jax.ShapeDtypeStruct``: from the
     model's ``config.json`` (or the random base's architecture) alone, no weight read or built."""
     dtype, compute = jnp.dtype(config.model.dtype), jnp.dtype(config.model.compute_dtype)
-    model = base_module(config, dtype=compute, param_dtype=dtype, remat=config.model.remat)
+    model = base_module(config, dtype=compute, param_dtype=dtype, **_layers(config))
     return model, jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype), models.abstract_params(model))
 
 
@@ -102,11 +102,14 @@ def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     dtype, compute = jnp.dtype(config.model.dtype), jnp.dtype(config.model.compute_dtype)
     if config.model.hf_dir == "random":
         model = models.from_hf_config(
-            config.model.base.architecture.to_dict(), dtype=compute, param_dtype=dtype, remat=config.model.remat
+            config.model.base.architecture.to_dict(), dtype=compute, param_dtype=dtype, **_layers(config)
         )
         return model, models.init_params(model, jax.random.key(config.seed))
     hf_dir = run_config.require_path("model.hf_dir", config.model.hf_dir) if config.model.hf_dir else None
     hf_dir = hf_dir or build_synthetic_base(config)
-    return io.load_hf(
-        hf_dir, dtype=dtype, compute_dtype=compute, num_labels=config.model.num_labels, remat=config.model.remat
-    )
+    return io.load_hf(hf_dir, dtype=dtype, compute_dtype=compute, num_labels=config.model.num_labels, **_layers(config))
+
+
+def _layers(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """How the run builds its decoder layers: ``model.remat``, ``model.scan_layers``, ``model.attention``."""
+    return {"remat": config.model.remat, "scan_layers": config.model.scan_layers, "attention": config.model.attention}

@@ -14,14 +14,17 @@ DenseGeneral with ``batch_dims``, a grouped convolution, an input-axes rule the 
 contract), or that one of its calls cannot route, is merged into the params instead, so the result
 is the same either way; ``fallback="error"`` turns that into an InjectError.
 
+Each layer reads its adapter from the ``adapters`` variable collection at its own scope, and its
+dropout key from the ``adapter_dropout`` PRNG stream, both passed to ``apply_fn``: a lifted transform
+over layers that maps every collection (``nn.scan`` with ``variable_axes={True: 0}``, as the zoo's
+scanned Llama) hands each layer its slice of stacked adapters.
+
 Finding which targets are intercepted costs one abstract trace of the model
 (``jax.eval_shape``) per call, i.e. per compilation under ``jax.jit``.
 """
 
 from __future__ import annotations
 
-import collections
-import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,18 +37,23 @@ from opt_einsum import parser as einsum_parser
 from dora_jax import targets
 from dora_jax.core import (
     AdapterConfig,
+    adapter_entries,
+    check_adapter,
+    check_projection,
     conv,
     embed,
     factored_dense,
     folded_dense,
     kernel_layout,
-    matched_entries,
     merge,
     vera,
 )
 from dora_jax.core.config import FALLBACKS
 from dora_jax.core.dora import Adapter
-from dora_jax.errors import ConfigError, InjectError
+from dora_jax.errors import ConfigError, InjectError, TargetError
+
+ADAPTERS = "adapters"  # the variable collection the adapted apply passes the adapters in, per layer scope
+DROPOUT_RNG = "adapter_dropout"  # the PRNG stream of the low-rank branch's dropout (split by a scan)
 
 
 def _promote(module: nn.Module, x: jax.Array, kernel: jax.Array, bias: jax.Array | None):
@@ -202,19 +210,17 @@ class _Adapted:
 
 
 class _Router:
-    """The method interceptor: sends targeted layer calls through ``factored_dense`` (or ``folded_dense``)."""
+    """The method interceptor: sends targeted layer calls through ``factored_dense`` (or ``folded_dense``).
 
-    def __init__(
-        self,
-        entries: Mapping[str, Adapter],
-        cfg: AdapterConfig,
-        dropout_rng: jax.Array | None,
-        projection: Adapter | None = None,
-    ):
-        self.entries, self.cfg, self.dropout_rng, self.projection = entries, cfg, dropout_rng, projection
+    A layer reads its adapter from the ``adapters`` variable collection at its own scope, so that a
+    lifted transform over layers (``nn.scan`` with ``variable_axes={True: 0}``) hands each layer its
+    slice; the adapter is checked against the kernel the layer sees.
+    """
+
+    def __init__(self, paths: set[str], cfg: AdapterConfig, dropout: bool, projection: Adapter | None = None):
+        self.paths, self.cfg, self.dropout, self.projection = paths, cfg, dropout, projection
         self.handled: set[str] = set()
         self.refused: dict[str, str] = {}  # path -> why a call to it could not be routed
-        self.calls: collections.Counter[str] = collections.Counter()
         self.busy = False
 
     def __call__(self, next_fun, args, kwargs, context):
@@ -226,20 +232,27 @@ class _Router:
             return next_fun(*args, **kwargs)
         leaf, methods = layer_type
         path = "/".join(module.path + (leaf,))
-        if path not in self.entries:
+        if path not in self.paths:
             return next_fun(*args, **kwargs)
         handler = methods.get(context.method_name)
         if handler is None:
             self.refused[path] = f"its {type(module).__name__}.{context.method_name} reads it unrouted"
             return next_fun(*args, **kwargs)
+        if not module.has_variable(ADAPTERS, leaf):
+            self.refused[path] = (
+                f"its layer runs inside a lifted transform (nn.scan, nn.vmap, ...) that does not pass the "
+                f"{ADAPTERS!r} collection (give it variable_axes={{True: 0}} or list {ADAPTERS!r})"
+            )
+            return next_fun(*args, **kwargs)
         kernel = module.get_variable("params", leaf)
+        adapter = dict(module.get_variable(ADAPTERS, leaf))
+        check_adapter(path, kernel, adapter, self.cfg)
+        if "lambda_d" in adapter:
+            check_projection(path, kernel, self.projection, self.cfg)
         bias = module.get_variable("params", "bias") if getattr(module, "use_bias", False) else None
         axes = self.cfg.axes_for(path, tuple(kernel.shape))
-        matrices = kernel_layout(kernel.shape, axes).adapter_matrices(self.entries[path], self.projection)
-        rng = None
-        if self.dropout_rng is not None and self.cfg.dropout > 0:
-            rng = jax.random.fold_in(jax.random.fold_in(self.dropout_rng, zlib.crc32(path.encode())), self.calls[path])
-        self.calls[path] += 1
+        matrices = kernel_layout(kernel.shape, axes).adapter_matrices(adapter, self.projection)
+        rng = module.make_rng(DROPOUT_RNG) if self.dropout else None
         self.busy = True
         try:
             out = handler(module, args, kwargs, kernel, bias, axes, _Adapted(matrices, self.cfg, rng))
@@ -255,23 +268,42 @@ class _Router:
 NOT_READ = "no nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Embed or nn.Conv call reads it (a custom layer?)"
 
 
-def _run(apply_fn: Callable[..., Any], params: Any, router: _Router, args, kwargs, collections_) -> Any:
+def _run(apply_fn, params, adapters, router: _Router, args, kwargs, collections_, dropout_rng=None) -> Any:
+    variables = {"params": params, ADAPTERS: adapters, **collections_}
+    if dropout_rng is not None:
+        kwargs = {**kwargs, "rngs": {**dict(kwargs.get("rngs") or {}), DROPOUT_RNG: dropout_rng}}
     with nn.intercept_methods(router):
-        return apply_fn({"params": params, **collections_}, *args, **kwargs)
+        return apply_fn(variables, *args, **kwargs)
 
 
-def _unrouted(apply_fn, cfg, entries, projection, params, args, kwargs, collections_) -> dict[str, str]:
+def _unrouted(apply_fn, cfg, paths, projection, params, adapters, args, kwargs, collections_) -> dict[str, str]:
     """{path: reason} after one abstract trace: the targets no layer call can route."""
-    probe = _Router(entries, cfg, None, projection)
+    probe = _Router(paths, cfg, False, projection)
 
-    def trace(params, entries, projection):  # arrays or jax.ShapeDtypeStruct alike
-        probe.entries, probe.projection = entries, projection
-        return _run(apply_fn, params, probe, args, kwargs, collections_)
+    def trace(params, adapters, projection):  # arrays or jax.ShapeDtypeStruct alike
+        probe.projection = projection
+        return _run(apply_fn, params, adapters, probe, args, kwargs, collections_)
 
-    jax.eval_shape(trace, params, entries, projection)
+    jax.eval_shape(trace, params, adapters, projection)
     # A leaf one call could not route is merged even where another call was routed: every read then sees W'.
     routed = probe.handled - set(probe.refused)
-    return {p: probe.refused.get(p, NOT_READ) for p in sorted(set(entries) - routed)}
+    return {p: probe.refused.get(p, NOT_READ) for p in sorted(paths - routed)}
+
+
+def _split(params: Any, adapters: Any, collections_: Mapping[str, Any]) -> tuple[set[str], Any, Any]:
+    """(target paths, the adapters without VeRA's projections, the projections); every adapter must
+    name a leaf of ``params`` (its shapes are checked where a layer reads it, or where it is merged)."""
+    if ADAPTERS in collections_:
+        raise ConfigError(f"collections: {ADAPTERS!r} is the collection inject passes the adapters in; rename yours")
+    paths = set(adapter_entries(adapters))
+    leaves = targets.leaves_by_path(params)
+    missing = sorted(paths - set(leaves))
+    if missing:
+        raise TargetError(
+            f"adapters for {missing} name no leaf of the parameter tree. Available leaves:\n{targets.describe(params)}"
+        )
+    layered = {key: value for key, value in adapters.items() if key != vera.PROJECTION}
+    return paths, layered, vera.projection_of(adapters)
 
 
 def describe(unrouted: Mapping[str, str]) -> str:
@@ -290,9 +322,9 @@ def merged_targets(
 ) -> dict[str, str]:
     """The targets ``inject(apply_fn, cfg)`` would merge (build W') instead of intercepting, each
     with the reason, for a call with these arguments (shapes suffice: one abstract trace)."""
-    entries = matched_entries(params, adapters, cfg)
-    projection = vera.projection_of(adapters)
-    return _unrouted(apply_fn, cfg, entries, projection, params, args, kwargs, dict(collections or {}))
+    collections_ = dict(collections or {})
+    paths, layered, projection = _split(params, adapters, collections_)
+    return _unrouted(apply_fn, cfg, paths, projection, params, layered, args, kwargs, collections_)
 
 
 def inject(apply_fn: Callable[..., Any], cfg: AdapterConfig, *, fallback: str | None = None) -> Callable[..., Any]:
@@ -316,19 +348,20 @@ def inject(apply_fn: Callable[..., Any], cfg: AdapterConfig, *, fallback: str | 
         collections: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> Any:
-        entries = matched_entries(params, adapters, cfg)
         collections_ = dict(collections or {})
-        projection = vera.projection_of(adapters)
-        unrouted = _unrouted(apply_fn, cfg, entries, projection, params, args, kwargs, collections_)
+        paths, layered, projection = _split(params, adapters, collections_)
+        unrouted = _unrouted(apply_fn, cfg, paths, projection, params, layered, args, kwargs, collections_)
         if unrouted and fallback == "error":
             raise InjectError(
                 f"targets the adapted forward cannot run ({describe(unrouted)}); "
                 "use fallback='merge' to merge them instead"
             )
         if unrouted:
+            entries = adapter_entries(adapters)
             merged = targets.nest({p: entries[p] for p in unrouted})
             params = merge(params, merged if projection is None else {**merged, vera.PROJECTION: projection}, cfg)
-        router = _Router({p: entries[p] for p in entries if p not in unrouted}, cfg, dropout_rng, projection)
-        return _run(apply_fn, params, router, args, kwargs, collections_)
+        router = _Router(paths - set(unrouted), cfg, dropout_rng is not None and cfg.dropout > 0, projection)
+        rng = dropout_rng if router.dropout else None
+        return _run(apply_fn, params, layered, router, args, kwargs, collections_, rng)
 
     return adapted_apply

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dora_jax.core import is_adapter
 from dora_jax.errors import ConfigError
+from dora_jax.models.stacking import LAYERS
 from dora_jax.targets import path_str
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("norm", None),
+    (LAYERS, None),  # the stacked layer axis of a scanned model: every device holds every layer's slice
 )
 
 
@@ -96,7 +98,8 @@ def param_shardings(logical_specs: Any, abstract: Any, mesh: Mesh, rules: Sequen
 
 def adapter_shardings(adapters: Any, logical_specs: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
     """A (d_in, r) follows its kernel's input axis, B (r, d_out), m (d_out,) and VeRA's lambda_b its
-    output axis; VeRA's lambda_d and shared projections are replicated.
+    output axis; VeRA's lambda_d and shared projections are replicated; a stacked kernel's leading
+    ``layers`` axis leads its adapters too.
 
     Kernels with more than two axes keep their adapters replicated.
     """
@@ -107,11 +110,13 @@ def adapter_shardings(adapters: Any, logical_specs: Any, mesh: Mesh, rules: Sequ
         if not is_adapter(adapter):  # VeRA's shared projections: small, read by every layer
             return NamedSharding(mesh, PartitionSpec())
         logical = specs.get(path_str(keypath), ())
+        stacked = logical[:1] if logical[:1] == (LAYERS,) else ()  # a scanned model's layer axis leads
+        logical = logical[len(stacked) :]
         logical_in, logical_out = logical if len(logical) == 2 else (None, None)
         wanted = {"a": (logical_in, None), "b": (None, logical_out), "m": (logical_out,)}
         wanted.update(lambda_d=(None,), lambda_b=(logical_out,))
         return {
-            key: NamedSharding(mesh, _spec(PartitionSpec(*wanted[key]), rules, mesh, value.shape))
+            key: NamedSharding(mesh, _spec(PartitionSpec(*stacked, *wanted[key]), rules, mesh, value.shape))
             for key, value in adapter.items()
         }
 

@@ -16,6 +16,7 @@ import ml_collections
 from dora_jax.core import AdapterConfig
 from dora_jax.data import SOURCES
 from dora_jax.errors import ConfigError
+from dora_jax.models.layers import ATTENTIONS
 from dora_jax.models.llama import REMAT
 
 FINETUNES = ("adapter", "full")  # train.finetune: the adapters (adapter.*) or every weight
@@ -53,6 +54,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # dtype of the params
     c.model.num_labels = 0  # > 0: a BERT-family encoder as a sequence classifier (head trained with the adapters)
     c.model.remat = "none"  # Llama: none | full | dots, recompute layer activations in the backward (long sequences)
+    c.model.scan_layers = False  # Llama: one nn.scan over the decoder layers (stacked params; compiles once per layer)
+    c.model.attention = "auto"  # Llama: recompute | xla | cudnn | auto (cuDNN on GPUs, XLA's on TPUs, recompute on CPU)
     c.model.compute_dtype = "float32"  # dtype of activations (bfloat16 on accelerators)
     c.model.base = ml_collections.ConfigDict()  # the synthetic base, built on first use and cached
     c.model.base.cache_dir = ""  # where to keep it; "" = $DORA_JAX_CACHE or ~/.cache/dora_jax
@@ -178,6 +181,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     choices = (
         ("train.schedule", config.train.schedule, list(SCHEDULES)),
         ("model.remat", config.model.remat, sorted(REMAT)),
+        ("model.attention", config.model.attention, list(ATTENTIONS)),
     )
     for key, value, valid in choices:
         if value not in valid:
@@ -264,8 +268,11 @@ def method_name(config: ml_collections.ConfigDict) -> str:
 def upgrade(values: dict[str, Any]) -> dict[str, Any]:
     """A flat config stored by an earlier version in today's keys: ``adapter.method="full"`` was
     full fine-tuning before ``train.finetune`` existed; ``train.decay_magnitude`` (decay m with
-    ``train.weight_decay`` or not) before ``train.magnitude_weight_decay``."""
+    ``train.weight_decay`` or not) before ``train.magnitude_weight_decay``; ``model.scan_layers`` and
+    ``model.attention`` did not exist (layers unrolled, attention as "auto" computes it on CPU)."""
     values = dict(values)
+    values.setdefault("model.scan_layers", False)  # before scanned layers, every run unrolled them
+    values.setdefault("model.attention", "auto")  # and attention as "auto" computes it on CPU
     if "train.decay_magnitude" in values:
         decays = values.pop("train.decay_magnitude")
         values["train.magnitude_weight_decay"] = values.get("train.weight_decay", 0.0) if decays else 0.0

@@ -101,15 +101,22 @@ class LoadedRun:
         return None if head is None or self.adapter_cfg is None else self.trainable["params"][head]
 
     def params(self) -> Any:
-        """Every parameter, trained and frozen, on the host."""
-        return jax.device_get(optim.combine(self.trainable["params"], self.frozen))
+        """Every parameter, trained and frozen, on the host, layer by layer as HF names them
+        (``layers_{i}``, also for a model that scans stacked layers)."""
+        return models.unrolled(self.model, jax.device_get(optim.combine(self.trainable["params"], self.frozen)))
+
+    def adapters(self) -> Any:
+        """The adapters on the host, layer by layer as ``params`` (None for full fine-tuning)."""
+        adapters = self.trainable["adapters"]
+        return None if adapters is None else models.unrolled(self.model, jax.device_get(adapters))
 
     def merged_params(self) -> Any:
-        """The params with the adapters folded in (W' = m V'/||V'||): a plain model, on the host."""
+        """The params with the adapters folded in (W' = m V'/||V'||): a plain model, on the host,
+        layer by layer as ``params``."""
         params = self.params()
         if self.adapter_cfg is None:
             return params
-        return merge(params, jax.device_get(self.trainable["adapters"]), self.adapter_cfg)
+        return merge(params, self.adapters(), self.adapter_cfg)
 
     def jit_metric(self, metric: Any) -> Any:
         """(trainable, frozen, batch) -> metric(output, batch), jitted, batches split over the mesh."""
@@ -136,13 +143,19 @@ class LoadedRun:
         if fmt == "merged":
             return io.save_hf(self.model, self.merged_params(), out)
         return io.export_peft(
-            jax.device_get(self.trainable["adapters"]),
+            self.adapters(),
             self.adapter_cfg,
             out,
             model=self.model,
             base_model_name_or_path=self.config.model.hf_dir or None,
             head=jax.device_get(self.head),
         )
+
+
+def new_adapters(model: Any, cfg: AdapterConfig, rng: jax.Array, params: Any) -> Any:
+    """``init_adapters`` in the model's layout: per HF layer, stacked again for a scanned model (so
+    that its adapters start as the unrolled model's do)."""
+    return models.in_layout(model, init_adapters(rng, models.unrolled(model, params), cfg))
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Any:
@@ -168,7 +181,7 @@ def place(config: ml_collections.ConfigDict, mesh: Any = None) -> LoadedRun:
     (default: ``make_mesh(config)``); checks ``config`` first."""
     run_config.check(config)
     model, params = load_base(config)
-    return _place(config, mesh, model, params, jax.device_put, init_adapters)
+    return _place(config, mesh, model, params, jax.device_put)
 
 
 def place_abstract(config: ml_collections.ConfigDict, mesh: Any = None) -> LoadedRun:
@@ -176,14 +189,10 @@ def place_abstract(config: ml_collections.ConfigDict, mesh: Any = None) -> Loade
     model's config alone; nothing is read or allocated (what scripts/memory_plan.py compiles)."""
     run_config.check(config)
     model, params = abstract_base(config)
-
-    def init(rng, params, cfg):
-        return jax.eval_shape(lambda p: init_adapters(rng, p, cfg), params)
-
-    return _place(config, mesh, model, params, abstract, init)
+    return _place(config, mesh, model, params, abstract, materialize=False)
 
 
-def _place(config, mesh, model, params, put, init) -> LoadedRun:
+def _place(config, mesh, model, params, put, materialize=True) -> LoadedRun:
     mesh = make_mesh(config) if mesh is None else mesh
     rules = parallel.rules_from(config.mesh.rules)
     logical = models.logical_axes(model)
@@ -195,9 +204,14 @@ def _place(config, mesh, model, params, put, init) -> LoadedRun:
     trained_sharding, frozen_sharding = optim.partition(param_sharding, mask)
     adapters = adapter_sharding = None
     if adapter_cfg is not None:
-        adapters = init(jax.random.key(config.seed), params, adapter_cfg)
+        init = functools.partial(new_adapters, model, adapter_cfg, jax.random.key(config.seed))
+        adapters = jax.eval_shape(init, params)
         report_merged_targets(model, params, adapters, adapter_cfg)
         adapter_sharding = parallel.adapter_shardings(adapters, logical, mesh, rules)
+        if materialize and models.scans_layers(model):  # compiled: the layers are sliced without a copy
+            adapters = jax.jit(init, out_shardings=adapter_sharding)(params)
+        elif materialize:  # op by op: each op's program is reused by every later run of the process
+            adapters = init(params)
         adapters = put(adapters, adapter_sharding)
     return LoadedRun(
         config,

@@ -1,13 +1,14 @@
-"""Forward and backward of one attention call: ours (recomputing backward) vs textbook autodiff.
+"""Forward and backward of one attention call: ours (recomputing backward) vs textbook autodiff and JAX's.
 
     python -m scripts.attention_cost --batch 16 --seq 128 --heads 12 --head-dim 32
 
-For ``models.layers.dot_product_attention`` and the textbook version (masked softmax, reverse-mode
-autodiff, key/value heads repeated for GQA) it prints the bytes the backward keeps from the
-forward (the residuals of ``jax.vjp``: what a train step holds per layer), XLA's compiled FLOPs
-and temporary memory of the jitted gradient, and the median time of that gradient over rounds
-run alternately in one process. Residuals and compiled figures are properties of the programs;
-the times depend on the machine's load.
+For ``models.layers.dot_product_attention`` (``model.attention="recompute"``), the textbook version
+(masked softmax, reverse-mode autodiff, key/value heads repeated for GQA) and
+``jax.nn.dot_product_attention``'s XLA implementation (``model.attention="xla"``) it prints the bytes
+the backward keeps from the forward (the residuals of ``jax.vjp``: what a train step holds per layer),
+XLA's compiled FLOPs and temporary memory of the jitted gradient, and the median time of that
+gradient over rounds run alternately in one process. Residuals and compiled figures are properties
+of the programs; the times depend on the machine's load.
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ def textbook_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Ar
     return jnp.einsum("bhqt,bthd->bqhd", jax.nn.softmax(scores, axis=-1), v)
 
 
-IMPLEMENTATIONS = {"ours": dot_product_attention, "textbook": textbook_attention}
+def jax_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """``jax.nn.dot_product_attention``'s XLA implementation (``model.attention="xla"``)."""
+    return dot_product_attention(q, k, v, allowed, "xla")
+
+
+IMPLEMENTATIONS = {"ours": dot_product_attention, "textbook": textbook_attention, "jax_xla": jax_attention}
 
 
 def residuals(attention, q, k, v, allowed) -> list[jax.Array]:
@@ -92,9 +98,13 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     print("| attention | residual MiB | temp MiB | GFLOP | ms (fwd+bwd) |\n|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['residual_mib']:.1f} | {r['temp_mib']:.1f} | {r['gflop']:.2f} | {r['ms']:.1f} |")
-    ours, textbook = results["ours"], results["textbook"]
-    time_ratio, residual_ratio = ours["ms"] / textbook["ms"], ours["residual_mib"] / textbook["residual_mib"]
-    print(f"ours / textbook: time {time_ratio:.2f}, residuals {residual_ratio:.3f}")
+    ours = results["ours"]
+    for other in ("textbook", "jax_xla"):
+        time_ratio, residual_ratio = (
+            ours["ms"] / results[other]["ms"],
+            ours["residual_mib"] / results[other]["residual_mib"],
+        )
+        print(f"ours / {other}: time {time_ratio:.2f}, residuals {residual_ratio:.3f}")
     print(json.dumps(results))
     return results
 

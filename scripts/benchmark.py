@@ -16,7 +16,9 @@ magnitude alone on the other layers; VeRA and DVoRA at the same r; ``--variants`
 warm-up, ``block_until_ready``) so that machine noise hits all of them alike. It prints ms/step,
 tokens/s, the ratios to LoRA on the same path (DoRA folded against LoRA folded, ...) and to full
 fine-tuning, XLA's compiled FLOPs (``cost_analysis``) and peak memory (``memory_analysis``:
-arguments + outputs + temporaries − aliased), then the same as JSON. Ratios are computed from
+arguments + outputs + temporaries − aliased), then the same as JSON; then how long the train step
+of a ``--compile-layers`` Llama takes to compile unrolled and with ``model.scan_layers``
+(``scripts/compile_time.py``). Ratios are computed from
 this run's own measurements. With ``--peak-tflops`` (the device's dense peak for the compute
 dtype) it adds MFU: the step's compiled FLOPs per second over that peak (with ``remat`` none the
 compiled FLOPs are the model's).
@@ -61,6 +63,17 @@ def parse_args(argv=None):
     parser.add_argument(
         "--peft", action="store_true", help="also time PyTorch PEFT (full, LoRA, DoRA) on the same shapes, same loop"
     )
+    parser.add_argument(
+        "--compile-layers",
+        type=int,
+        default=32,
+        help="also time the train step's compilation for a Llama of this many layers, unrolled and scanned (0: skip)",
+    )
+    parser.add_argument("--compile-hidden", type=int, default=256, help="hidden size of that Llama")
+    parser.add_argument("--compile-repeats", type=int, default=2, help="measurements of each layout (the fastest)")
+    parser.add_argument(
+        "--attention", default="auto", help="the Llama shape's model.attention: auto, recompute, xla or cudnn"
+    )
     return parser.parse_args(argv)
 
 
@@ -78,6 +91,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import dora_jax as dj  # noqa: E402
 from dora_jax import metrics, models, optim, run_config, runs  # noqa: E402
+from dora_jax.models.layers import resolve_attention  # noqa: E402
+from scripts import compile_time  # noqa: E402
 from scripts.compare_paths import compiled_cost  # noqa: E402
 
 VARIANTS = (  # name, method, norm_grad, placement: every linear layer, or the paper's magnitude-only split
@@ -203,7 +218,8 @@ def compiled_figures(step, args_) -> dict:
 
 
 def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
-    model = models.from_hf_config(hf_config, dtype=jnp.dtype(args.dtype))
+    llama = {"attention": args.attention} if name == "llama" else {}  # model.attention: the Llama family's
+    model = models.from_hf_config(hf_config, dtype=jnp.dtype(args.dtype), **llama)
     params = models.init_params(model, jax.random.key(0))
     devices = jax.devices()
     mesh = Mesh(np.array(devices), ("data",))
@@ -387,19 +403,29 @@ def main(args) -> list[dict]:
     rows = []
     for name, hf_config in model_shapes(args).items():
         rows += benchmark_model(name, hf_config, args)
+    attention = resolve_attention(args.attention, args.dtype, args.llama_hidden // max(1, args.llama_hidden // 64))
     heading = (
         f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; batch {args.batch} x {args.seq} tokens; "
-        f"r={args.rank}; compute {args.dtype}; peak {peak_tflops(args.peak_tflops) or '–'} TFLOP/s"
+        f"r={args.rank}; compute {args.dtype}; peak {peak_tflops(args.peak_tflops) or '–'} TFLOP/s; "
+        f"Llama attention {attention}"
     )
     print(heading)
     print(table(rows))
     print(json.dumps(rows))
+    compiled, extra = "", []
+    if args.compile_layers:  # scan_layers: one layer compiled instead of every layer
+        figures = compile_time.compare(
+            args.compile_layers, args.compile_hidden, rank=args.rank, seq=args.seq, repeats=args.compile_repeats
+        )
+        compiled, extra = compile_time.table(figures), [{"model": "compile_time", **figures}]
+        print(compiled)
+        print(json.dumps(figures))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(rows + extra, f, indent=2)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(f"{heading}\n\n{table(rows)}\n")
+            f.write(f"{heading}\n\n{table(rows)}\n" + (f"\n{compiled}\n" if compiled else ""))
     return rows
 
 

@@ -89,8 +89,9 @@ def abstract_batch(
     return tokens | {"loss_mask": spec((rows, length), jnp.float32)}
 
 
-def plan(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The compiled train step's per-device memory and FLOPs for ``config`` on the available devices."""
+def abstract_step(config: ml_collections.ConfigDict) -> tuple[Any, tuple[Any, ...], runs.LoadedRun, int]:
+    """(jitted train step, its abstract arguments, the abstract run, tokens per row) for ``config``:
+    what ``dora_jax.train`` would compile, on shapes alone."""
     run = runs.place_abstract(config)
     tx = optim.make_optimizer(config.train, run.trainable)
     classify = config.data.source == "classification"
@@ -101,7 +102,13 @@ def plan(config: ml_collections.ConfigDict) -> dict[str, Any]:
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(run.mesh))
     length = sequence_length(config)
     batch = abstract_batch(config, run.model, length, run.batch_sharding)
-    compiled = step.lower(state, run.frozen, batch, rng).compile()
+    return step, (state, run.frozen, batch, rng), run, length
+
+
+def plan(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The compiled train step's per-device memory and FLOPs for ``config`` on the available devices."""
+    step, arguments, run, length = abstract_step(config)
+    compiled = step.lower(*arguments).compile()
     memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
     out = {
         "devices": run.mesh.size,

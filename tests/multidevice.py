@@ -24,9 +24,11 @@ MESHES = {
 SCORED = ("one_device", "data", "mixed")  # meshes whose sharded evaluator is compared with one device's
 
 
-def config(mesh, method="dora"):
-    """``method``: dora, full, or folded (DoRA with ``adapter.forward="folded"``)."""
+def config(mesh, method="dora", scan=False):
+    """``method``: dora, full, or folded (DoRA with ``adapter.forward="folded"``); ``scan``: the decoder
+    layers as one nn.scan (``model.scan_layers``), params and adapters stacked along ``layers``."""
     c = run_config.defaults()
+    c.model.scan_layers = scan
     c.model.hf_dir = "random"
     c.model.base.architecture.num_hidden_layers = 1  # what is sharded is the same in every layer
     c.train.finetune = "full" if method == "full" else "adapter"
@@ -38,11 +40,11 @@ def config(mesh, method="dora"):
     return c
 
 
-def measure(mesh, method, steps=5, scores=False):
+def measure(mesh, method, steps=5, scores=False, scan=False):
     """Losses of ``steps`` train steps, the compiled step's argument bytes per device and, with
     ``scores``, the sequence log-probabilities of one evaluation batch scored by the sharded evaluator;
     one run built (and its step compiled) for all three."""
-    training = train.build(config(mesh, method))
+    training = train.build(config(mesh, method, scan))
     out = {"losses": []}
     if scores:  # before training: the steps donate the initial state
         score = training.run.scorer(metrics.sequence_logprobs)
@@ -74,14 +76,17 @@ if __name__ == "__main__":
     # The folded forward is compared with the factored one on one device (equal to float tolerance).
     # DoRA on the data and fsdp axes alone and on the mixed mesh, which shards along all three (tensor
     # alone adds nothing the mixed mesh does not cover); data and fsdp (whose memory is compared) for
-    # full FT; the mixed mesh for the folded forward.
+    # full FT; the mixed mesh for the folded forward. DoRA on fsdp runs the scanned layers (stacked
+    # kernels split along embed, the layers axis whole): its losses are compared with the unrolled ones.
     plan = {
         "dora": ["one_device", "data", "fsdp", "mixed"],
         "full": ["one_device", "data", "fsdp"],
         "folded": ["mixed"],
     }
     runs = {
-        f"{method}/{name}": measure(MESHES[name], method, scores=method == "dora" and name in SCORED)
+        f"{method}/{name}": measure(
+            MESHES[name], method, scores=method == "dora" and name in SCORED, scan=(method, name) == ("dora", "fsdp")
+        )
         for method, names in plan.items()
         for name in names
     }

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dora_jax.models.layers import attention_bias, dot_product_attention
+from dora_jax.errors import ConfigError
+from dora_jax.models.layers import attention_bias, dot_product_attention, resolve_attention
 from scripts.attention_cost import main as attention_cost
 from scripts.attention_cost import residuals
 from scripts.attention_cost import textbook_attention as reference_attention
@@ -119,10 +120,72 @@ def test_attention_cost_script_measures_saved_activations_linear_in_seq_for_ours
         return attention_cost(argv)
 
     short, long = run(16), run(32)
-    assert set(short) == {"ours", "textbook"}
+    assert set(short) == {"ours", "textbook", "jax_xla"}
     assert all(r["ms"] > 0 and r["gflop"] > 0 and r["temp_mib"] > 0 for r in short.values())
     # Twice the sequence: ours keeps twice the bytes (q, k, v, out, per-query maximum and sum);
     # the textbook version's probabilities make it grow toward four times.
     scalars = 64 / 2**20  # a few bytes of scalar constants that do not grow
     assert long["ours"]["residual_mib"] == pytest.approx(2 * short["ours"]["residual_mib"], abs=scalars)
     assert long["textbook"]["residual_mib"] > 2.5 * short["textbook"]["residual_mib"]
+    assert long["jax_xla"]["residual_mib"] > 2.5 * short["jax_xla"]["residual_mib"]  # autodiff: probabilities kept
+
+
+@pytest.mark.parametrize("mask", list(MASKS), ids=list(MASKS))
+def test_xla_implementation_equals_the_recomputing_kernel(mask):
+    # jax.nn.dot_product_attention (model.attention="xla"; "cudnn" shares its call) with our masks, GQA.
+    q, k, v = operands(4, 2, jnp.float32)
+    spec = dict(MASKS[mask])
+    padding = jnp.ones((BATCH, QUERY)).at[1, 6:].set(0) if spec.pop("padding") else None
+    allowed = attention_bias(QUERY, QUERY, padding, **spec)
+    ours = value_and_grads(dot_product_attention, q, k, v, allowed)
+    xla = value_and_grads(lambda *a: dot_product_attention(*a, implementation="xla"), q, k, v, allowed)
+    np.testing.assert_allclose(xla[0], ours[0], rtol=1e-5)
+    for got, want in zip(xla[1], ours[1], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_xla_implementation_averages_a_query_with_no_allowed_key_as_ours_does():
+    q, k, v = operands(4, 2, jnp.float32, key_len=QUERY + 5)
+    allowed = attention_bias(QUERY, QUERY + 5, None, causal=True, query_offset=5).at[:, :, 3].set(False)
+    np.testing.assert_allclose(
+        dot_product_attention(q, k, v, allowed, "xla"), dot_product_attention(q, k, v, allowed), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "backend,dtype,head_dim,expected",
+    [
+        ("cpu", jnp.bfloat16, 64, "recompute"),
+        ("gpu", jnp.bfloat16, 128, "cudnn"),
+        ("gpu", jnp.float16, 64, "cudnn"),
+        ("gpu", jnp.float32, 64, "xla"),  # cuDNN's fused kernel: 16-bit inputs only
+        ("gpu", jnp.bfloat16, 256, "xla"),
+        ("tpu", jnp.bfloat16, 128, "xla"),
+    ],
+)
+def test_auto_picks_the_implementation_per_backend(backend, dtype, head_dim, expected):
+    assert resolve_attention("auto", dtype, head_dim, backend) == expected
+    assert resolve_attention("xla", dtype, head_dim, backend) == "xla"  # a named one is kept
+
+
+def test_an_unknown_attention_lists_the_choices():
+    with pytest.raises(ConfigError, match=r"attention: expected one of \['auto', 'recompute', 'xla', 'cudnn'\]"):
+        resolve_attention("flash", jnp.float32, 8)
+
+
+def test_a_llama_with_xla_attention_gives_the_default_logits_also_when_decoding():
+    from conftest import TINY_LLAMA, token_batch
+    from dora_jax import models
+    from dora_jax.models.llama import init_cache
+
+    hf = dict(TINY_LLAMA, model_type="mistral", sliding_window=5)
+    ours, xla = (models.from_hf_config(hf, attention=name) for name in ("recompute", "xla"))
+    params = models.init_params(ours, jax.random.key(0))
+    ids, mask = (jnp.asarray(a) for a in token_batch(TINY_LLAMA["vocab_size"]))
+    want = jax.jit(ours.apply)({"params": params}, ids, attention_mask=mask)
+    np.testing.assert_allclose(jax.jit(xla.apply)({"params": params}, ids, attention_mask=mask), want, atol=1e-5)
+    cache = init_cache(xla.config, 2, ids.shape[1] + 1)
+    step = jax.jit(lambda model, *a, **kw: model.apply({"params": params}, *a, **kw)[0], static_argnums=0)
+    full_mask = jnp.concatenate([mask, jnp.ones((2, 1), mask.dtype)], axis=1)
+    got = [step(m, ids, attention_mask=full_mask, cache=cache, cache_index=0) for m in (ours, xla)]
+    np.testing.assert_allclose(got[1], got[0], atol=1e-5)

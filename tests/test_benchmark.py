@@ -7,7 +7,7 @@ from scripts import benchmark
 
 TINY = ["--batch", "2", "--seq", "16", "--rank", "2", "--steps", "2", "--warmup", "1", "--peak-tflops", "0.5"]
 TINY += ["--minilm-layers", "1", "--minilm-hidden", "48", "--llama-hidden", "64", "--llama-layers", "1"]
-TINY += ["--llama-vocab", "128"]
+TINY += ["--llama-vocab", "128", "--compile-layers", "0"]  # compile times: the device check's test below
 
 
 CORE = ("lora", "dora_exact")  # the variants the Llama shape runs; MiniLM runs every variant
@@ -116,9 +116,19 @@ def test_the_device_check_runs_end_to_end_on_a_tiny_cpu_shape(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "device_check.json").read_text())
+    (compiled,) = [r for r in rows if r["model"] == "compile_time"]  # 2 layers unrolled and scanned
+    assert compiled["layers"] == 2 and compiled["ratio_total"] == pytest.approx(
+        (compiled["scanned_lower_s"] + compiled["scanned_compile_s"])
+        / (compiled["unrolled_lower_s"] + compiled["unrolled_compile_s"])
+    )
+    rows = [r for r in rows if r["model"] != "compile_time"]
     jax_side = {f"{v}/{p}" for v in ("lora", "dora_exact", "dora_detach") for p in ("factored", "folded")} | {"full"}
     assert {r["variant"] for r in rows} == jax_side | {f"peft_{v}/torch" for v in ("full", "lora", "dora")}
     assert all(r["model"] == "llama" and np.isfinite(r["loss"]) for r in rows)
     assert all(r["mfu"] is None for r in rows)  # a CPU has no known bfloat16 peak
     markdown = (tmp_path / "device_check.md").read_text()
     assert markdown.startswith("devices: 1 x cpu") and "| llama | peft_dora/torch |" in markdown
+    assert "| scanned / unrolled |" in markdown and "Llama attention recompute" in markdown  # auto on CPU
+    xla = json.loads((tmp_path / "attention_xla.json").read_text())
+    assert {r["variant"] for r in xla} == {"full", "lora/factored", "dora_exact/factored"}
+    assert "Llama attention xla" in (tmp_path / "attention_xla.md").read_text()

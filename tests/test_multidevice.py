@@ -31,6 +31,7 @@ def eight_devices():
 def test_data_fsdp_and_tensor_meshes_give_the_losses_of_one_device(eight_devices, method):
     losses = {k.split("/")[1]: v for k, v in eight_devices["losses"].items() if k.startswith(method + "/")}
     # The folded forward trains like the factored one: its sharded runs are compared with factored DoRA's.
+    # DoRA's fsdp run scans its layers (model.scan_layers): it trains like the unrolled one device.
     one_device = eight_devices["losses"]["dora/one_device" if method == "folded" else f"{method}/one_device"]
     assert losses  # the meshes tests/multidevice.py runs this method on
     for mesh, values in losses.items():

@@ -164,6 +164,23 @@ def test_folded_forward_trains_like_the_factored_one(cache_dir):
     np.testing.assert_allclose(losses["folded"], losses["factored"], rtol=1e-5)
 
 
+def test_scanned_layers_train_like_the_unrolled_ones(cache_dir):
+    runs, losses = {}, {}
+    for scan in (False, True):
+        training = train.build(small(cache_dir, **{"model.scan_layers": scan, "adapter.dropout": 0.0}))
+        state, losses[scan] = training.state, []
+        for step in range(3):
+            state, m = training.train_step(state, training.frozen, training.batch(step), training.step_rng(step))
+            losses[scan].append(float(m["loss"]))
+        runs[scan] = training.run
+        runs[scan].trainable = state["trainable"]
+    assert "layers" in runs[True].trainable["adapters"] and "layers_0" in runs[False].trainable["adapters"]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+    trained = [jax.tree.leaves(runs[scan].adapters()) for scan in (True, False)]
+    for got, want in zip(*trained, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)  # Adam steps of 5e-3 on float32 gradients
+
+
 def test_workdir_holding_another_config_is_refused(tmp_path, cache_dir):
     train.train_and_evaluate(small(cache_dir, **{"train.stop_at": 2}), tmp_path)
     with pytest.raises(

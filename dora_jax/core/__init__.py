@@ -4,6 +4,7 @@ from dora_jax.core import conv, embed, vera
 from dora_jax.core.adapters import (
     adapter_entries,
     check_adapter,
+    check_projection,
     init_adapter,
     init_adapters,
     init_magnitude,
@@ -31,6 +32,7 @@ __all__ = [
     "KernelLayout",
     "adapter_entries",
     "check_adapter",
+    "check_projection",
     "column_norm",
     "conv",
     "embed",

@@ -176,24 +176,23 @@ def _check_vectors(path: str, kernel: jax.Array, adapter: Adapter, cfg: AdapterC
             )
 
 
-def _check_projection(adapters: Any, entries: dict[str, Adapter], leaves: dict[str, Any], cfg: AdapterConfig) -> None:
-    """The shared projections exist and cover every VeRA target: (>= d_in, r) and (r, >= d_out)."""
-    projection = vera.projection_of(adapters)
+def check_projection(path: str, kernel: jax.Array, projection: Adapter | None, cfg: AdapterConfig) -> None:
+    """Raises ShapeError unless VeRA's shared projections exist and cover the kernel at ``path``:
+    (>= d_in, r) and (r, >= d_out)."""
     if projection is None or set(projection) != set(vera.PROJECTION_KEYS):
         raise ShapeError(
             f"method={cfg.method!r} needs the shared projections at adapters[{vera.PROJECTION!r}] "
             f"with keys {list(vera.PROJECTION_KEYS)} (dj.init_adapters makes them)"
         )
     shared_a, shared_b = (projection[k].shape for k in vera.PROJECTION_KEYS)
-    for path in entries:
-        layout = kernel_layout(leaves[path].shape, cfg.axes_for(path, tuple(leaves[path].shape)))
-        covered = shared_a[0] >= layout.d_in and shared_b[1] >= layout.d_out
-        if not covered or cfg.rank != shared_a[1] or cfg.rank != shared_b[0]:
-            raise ShapeError(
-                f"the shared projections {shared_a} and {shared_b} do not cover {path!r} (d_in={layout.d_in}, "
-                f"d_out={layout.d_out}, r={cfg.rank}): they need at least ({layout.d_in}, {cfg.rank}) and "
-                f"({cfg.rank}, {layout.d_out})"
-            )
+    layout = kernel_layout(kernel.shape, cfg.axes_for(path, tuple(kernel.shape)))
+    covered = shared_a[0] >= layout.d_in and shared_b[1] >= layout.d_out
+    if not covered or cfg.rank != shared_a[1] or cfg.rank != shared_b[0]:
+        raise ShapeError(
+            f"the shared projections {shared_a} and {shared_b} do not cover {path!r} (d_in={layout.d_in}, "
+            f"d_out={layout.d_out}, r={cfg.rank}): they need at least ({layout.d_in}, {cfg.rank}) and "
+            f"({cfg.rank}, {layout.d_out})"
+        )
 
 
 def matched_entries(params: Any, adapters: Any, cfg: AdapterConfig) -> dict[str, Adapter]:
@@ -208,7 +207,9 @@ def matched_entries(params: Any, adapters: Any, cfg: AdapterConfig) -> dict[str,
     for path, adapter in entries.items():
         check_adapter(path, leaves[path], adapter, cfg)
     if cfg.vector_based:
-        _check_projection(adapters, {p: a for p, a in entries.items() if "lambda_d" in a}, leaves, cfg)
+        projection = vera.projection_of(adapters)
+        for path in (p for p, adapter in entries.items() if "lambda_d" in adapter):
+            check_projection(path, leaves[path], projection, cfg)
     return entries
 
 

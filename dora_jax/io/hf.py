@@ -81,6 +81,8 @@ def load_hf(
     compute_dtype: Any = None,
     num_labels: int = 0,
     remat: str = "none",
+    scan_layers: bool = False,
+    attention: str = "auto",
 ) -> tuple[Any, Any]:
     """(Flax module, params) of a local HF directory of a Llama- or BERT-family model.
 
@@ -88,14 +90,23 @@ def load_hf(
     activations are computed in, e.g. float32 params with bfloat16 compute. ``num_labels > 0``
     loads a BERT-family encoder as a sequence classifier with that many labels; a classifier
     head (or pooler) the checkpoint lacks is initialised as HF does (normal(0.02), zero bias).
-    ``remat`` recomputes Llama layers in the backward pass (``models.llama.REMAT``).
+    ``remat`` recomputes Llama layers in the backward pass (``models.llama.REMAT``); ``scan_layers``
+    builds them as one ``nn.scan`` and returns their params stacked (read layer by layer, then stacked);
+    ``attention`` picks the attention implementation (``models.layers.ATTENTIONS``).
     """
     hf_dir = pathlib.Path(hf_dir)
     config = read_config(hf_dir)
     if num_labels:
         config = classifier_config(config, num_labels)
     try:
-        model = models.from_hf_config(config, dtype=compute_dtype or dtype, param_dtype=dtype, remat=remat)
+        model = models.from_hf_config(
+            config,
+            dtype=compute_dtype or dtype,
+            param_dtype=dtype,
+            remat=remat,
+            scan_layers=scan_layers,
+            attention=attention,
+        )
     except ConfigError as err:
         raise ConfigError(f"{hf_dir / 'config.json'}: {err}") from None
     table = models.hf_table(model)
@@ -105,6 +116,14 @@ def load_hf(
 
     def load(keypath: Any, abstract: jax.ShapeDtypeStruct) -> jax.Array:
         path = targets.path_str(keypath)
+        before, _, rest = path.partition(f"{models.LAYERS}/")
+        if models.scans_layers(model) and not before and rest:  # layer by layer on the host, one transfer
+            layer = jax.ShapeDtypeStruct(abstract.shape[1:], abstract.dtype)
+            slices = [read(f"{models.LAYERS}_{i}/{rest}", layer) for i in range(abstract.shape[0])]
+            return jnp.asarray(np.stack(slices), dtype)
+        return jnp.asarray(read(path, abstract), dtype)
+
+    def read(path: str, abstract: jax.ShapeDtypeStruct) -> Any:
         name, transposed = models.hf_tensor(path, table)
         found = _resolve(tensors, name, model_type)
         expected = tuple(reversed(abstract.shape)) if transposed else tuple(abstract.shape)
@@ -127,7 +146,7 @@ def load_hf(
                 f"(Flax leaf {path!r} of shape {tuple(abstract.shape)})"
             )
         array = tensors.get(found)
-        return jnp.asarray(array.T if transposed else array, dtype)
+        return array.T if transposed else array
 
     params = jax.tree_util.tree_map_with_path(load, models.abstract_params(model))
     unused = [name for name in tensors.names() if name not in used and not BUFFERS.fullmatch(name)]
@@ -166,8 +185,8 @@ def save_hf(
     max_shard_bytes: int = 5 * 2**30,
     tokenizer_dir: str | pathlib.Path | None = None,
 ) -> pathlib.Path:
-    """Writes ``params`` of a zoo model as an HF directory (config.json + safetensors) that
-    ``transformers`` loads; copies the tokenizer files of ``tokenizer_dir`` when given.
+    """Writes ``params`` of a zoo model (stacked layers or unrolled) as an HF directory (config.json +
+    safetensors) that ``transformers`` loads; copies the tokenizer files of ``tokenizer_dir`` when given.
 
     Files are written to a temporary folder first and moved in at the end, so a failure
     leaves an existing directory as it was.
@@ -176,7 +195,7 @@ def save_hf(
     table = models.hf_table(model)
     tensors = []
     dtypes = set()
-    for path, leaf in targets.leaves_by_path(params).items():
+    for path, leaf in targets.leaves_by_path(models.unrolled(model, params)).items():
         name, transposed = models.hf_tensor(path, table)
         array = np.asarray(leaf)
         dtypes.add(array.dtype.name)

@@ -96,6 +96,7 @@ def export_peft(
             "(python -m dora_jax.export --format=merged, or export.merged=True and export.peft=False in a run)"
         )
     table = module_table(model, modules, params)
+    adapters = adapters if model is None else models.unrolled(model, adapters)
     entries = adapter_entries(adapters)
     for path in entries:
         if path not in table.names:
@@ -249,9 +250,16 @@ def import_peft(
 
     A SEQ_CLS adapter's classifier head is not an adapter: ``read_peft_head`` reads it.
     """
-    in_dir = pathlib.Path(in_dir)
+    if model is None:
+        return _import(pathlib.Path(in_dir), params, module_table(None, modules, params))
+    # a zoo model's names are its unrolled layers; a scanned model gets its adapters stacked
+    params = models.unrolled(model, params)
+    adapters, cfg = _import(pathlib.Path(in_dir), params, module_table(model, None, params))
+    return models.in_layout(model, adapters), cfg
+
+
+def _import(in_dir: pathlib.Path, params: Any, table: ModuleTable) -> tuple[dict[str, Any], AdapterConfig]:
     config, tensors = _open(in_dir)
-    table = module_table(model, modules, params)
     if config["peft_type"] == "VERA":
         return peft_vera.import_vera(in_dir, config, tensors, params, table)
     weights = in_dir / WEIGHTS_FILE

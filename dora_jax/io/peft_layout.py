@@ -50,7 +50,7 @@ def module_table(model: Any = None, modules: Mapping[str, str] | None = None, pa
     if model is not None:
         table = models.hf_table(model)
         names, shapes = {}, {}
-        for path, leaf in targets.leaves_by_path(models.abstract_params(model)).items():
+        for path, leaf in targets.leaves_by_path(models.unrolled(model, models.abstract_params(model))).items():
             if path.endswith(("/kernel", "/embedding")) and len(leaf.shape) == 2:
                 names[path] = models.hf_tensor(path, table)[0].removesuffix(".weight")
                 shapes[path] = tuple(leaf.shape)

@@ -18,19 +18,36 @@ from dora_jax.models.bert import BertConfig, BertForSequenceClassification, Bert
 from dora_jax.models.families import FAMILIES, Family, family
 from dora_jax.models.hf_names import Table, hf_module, hf_tensor
 from dora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from dora_jax.models.stacking import LAYERS, stack_layers, unstack_layers
 
 SUPPORTED_MODEL_TYPES = llama.MODEL_TYPES + bert.MODEL_TYPES
 
 
 def from_hf_config(
-    hf: dict[str, Any], dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, remat: str = "none"
+    hf: dict[str, Any],
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    remat: str = "none",
+    scan_layers: bool = False,
+    attention: str = "auto",
 ) -> nn.Module:
-    """The zoo module for an HF config dict; ``dtype`` is the compute dtype, ``remat`` a key of llama.REMAT."""
+    """The zoo module for an HF config dict; ``dtype`` is the compute dtype. Llama family: ``remat`` a
+    key of llama.REMAT, ``scan_layers`` stacks the decoder layers under one ``nn.scan``, ``attention``
+    an entry of layers.ATTENTIONS (BERT: the recomputing kernel)."""
     model_type = hf.get("model_type")
     if model_type in llama.MODEL_TYPES:
-        return LlamaForCausalLM(LlamaConfig.from_hf(hf), dtype=dtype, param_dtype=param_dtype, remat=remat)
-    if remat != "none":
-        raise ConfigError(f"remat={remat!r} is supported for the Llama family, not model_type {model_type!r}")
+        return LlamaForCausalLM(
+            LlamaConfig.from_hf(hf),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=remat,
+            scan_layers=scan_layers,
+            attention=attention,
+        )
+    llama_only = {"remat": (remat, "none"), "scan_layers": (scan_layers, False), "attention": (attention, "auto")}
+    for name, (value, default) in llama_only.items():
+        if value != default:
+            raise ConfigError(f"{name}={value!r} is supported for the Llama family, not model_type {model_type!r}")
     if model_type in bert.MODEL_TYPES:
         config = BertConfig.from_hf(hf)
         if "BertForSequenceClassification" in (hf.get("architectures") or []):
@@ -59,6 +76,22 @@ def hf_config(model: nn.Module) -> dict[str, Any]:
     return out
 
 
+def scans_layers(model: nn.Module) -> bool:
+    """Whether ``model`` holds its decoder layers stacked under ``layers`` (``scan_layers=True``)."""
+    return bool(getattr(model, "scan_layers", False))
+
+
+def unrolled(model: nn.Module, tree: Any) -> Any:
+    """A params-shaped tree (params, adapters) of ``model`` in the unrolled layout HF and PEFT name:
+    ``layers_{i}`` for a scanning model's stacked ``layers``; any other tree unchanged."""
+    return unstack_layers(tree) if scans_layers(model) else tree
+
+
+def in_layout(model: nn.Module, tree: Any) -> Any:
+    """A params-shaped tree in the layout ``model`` applies: stacked ``layers`` for a scanning model."""
+    return stack_layers(tree) if scans_layers(model) else tree
+
+
 def dummy_inputs(model: nn.Module) -> tuple[jax.Array]:
     """Inputs that trace every parameter of a zoo model."""
     return (jnp.zeros((1, 1), jnp.int32),)
@@ -80,12 +113,16 @@ def logical_axes(model: nn.Module) -> Any:
 
 
 def init_params(model: nn.Module, rng: jax.Array) -> Any:
-    """Randomly initialised (unboxed) params of a zoo model."""
+    """Randomly initialised (unboxed) params of a zoo model; a scanning model gets the unrolled
+    model's, stacked, so that the layout does not change the weights a seed gives."""
+    if scans_layers(model):
+        return stack_layers(init_params(model.clone(scan_layers=False), rng))
     return nn.meta.unbox(model.init(rng, *dummy_inputs(model))["params"])
 
 
 __all__ = [
     "FAMILIES",
+    "LAYERS",
     "SUPPORTED_MODEL_TYPES",
     "Family",
     "BertConfig",
@@ -100,6 +137,11 @@ __all__ = [
     "hf_module",
     "hf_table",
     "hf_tensor",
+    "in_layout",
     "init_params",
     "logical_axes",
+    "scans_layers",
+    "stack_layers",
+    "unrolled",
+    "unstack_layers",
 ]

@@ -115,12 +115,42 @@ def attention_bias(
     return allowed
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+# How attention is computed (``model.attention``): "recompute", the custom-VJP kernel below (no
+# query x key array kept for the backward; what XLA:CPU runs best); "xla" and "cudnn",
+# ``jax.nn.dot_product_attention``'s implementations (cuDNN's fused flash attention on NVIDIA GPUs);
+# "auto" picks per backend when the model is traced (``resolve_attention``).
+ATTENTIONS = ("auto", "recompute", "xla", "cudnn")
+
+
+def resolve_attention(attention: str, dtype, head_dim: int, backend: str | None = None) -> str:
+    """The implementation ``attention`` names on ``backend`` (default: JAX's): "auto" is cuDNN on a GPU
+    for 16-bit compute and head dims it fuses (multiples of 8 up to 128), XLA's on other accelerators,
+    the recomputing kernel on CPU."""
+    if attention not in ATTENTIONS:
+        raise ConfigError(f"attention: expected one of {list(ATTENTIONS)}; got {attention!r}")
+    if attention != "auto":
+        return attention
+    backend = backend or jax.default_backend()
+    if backend == "cpu":
+        return "recompute"
+    fused = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0
+    return "cudnn" if backend == "gpu" and fused and head_dim <= 128 else "xla"
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, implementation: str = "recompute"
+) -> jax.Array:
     """Softmax attention with grouped key/value heads, scores and softmax in (at least) float32.
 
     q: (batch, query, heads, head_dim); k, v: (batch, key, kv_heads, head_dim) with heads a
     multiple of kv_heads; allowed: boolean, broadcastable to (batch, 1, query, key).
+    ``implementation``: an entry of ``ATTENTIONS`` ("auto" resolved by ``resolve_attention``).
     """
+    implementation = resolve_attention(implementation, q.dtype, q.shape[-1])
+    if implementation != "recompute":  # k, v of a cache may be wider than the compute dtype
+        return jax.nn.dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask=allowed, implementation=implementation
+        )
     batch, query_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     groups = heads // kv_heads

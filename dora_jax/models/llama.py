@@ -18,7 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from dora_jax.errors import ConfigError
-from dora_jax.models.layers import RMSNorm, activation, attention_bias, dense, dot_product_attention, embed
+from dora_jax.models.layers import (
+    ATTENTIONS,
+    RMSNorm,
+    activation,
+    attention_bias,
+    dense,
+    dot_product_attention,
+    embed,
+)
+from dora_jax.models.stacking import LAYERS
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -174,6 +183,7 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"  # an entry of layers.ATTENTIONS
 
     @nn.compact
     def __call__(self, x, positions, allowed, cache=None, cache_index=None):
@@ -198,7 +208,7 @@ class LlamaAttention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, cache_index, 0, 0))
             cache = (k, v)
-        out = dot_product_attention(q, k, v, allowed).reshape(batch, seq, -1)
+        out = dot_product_attention(q, k, v, allowed, self.attention).reshape(batch, seq, -1)
         out = dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", use_bias=cfg.o_bias, **kw)(out)
         return out, cache
 
@@ -221,13 +231,16 @@ class LlamaDecoderLayer(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, positions, allowed, cache=None, cache_index=None):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
-        attended, cache = LlamaAttention(cfg, name="self_attn", **kw)(h, positions, allowed, cache, cache_index)
+        attended, cache = LlamaAttention(cfg, name="self_attn", attention=self.attention, **kw)(
+            h, positions, allowed, cache, cache_index
+        )
         x = x + attended
         h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         return x + LlamaMLP(cfg, name="mlp", **kw)(h), cache
@@ -255,10 +268,14 @@ class LlamaForCausalLM(nn.Module):
     dtype: Any = jnp.float32  # compute dtype (e.g. bfloat16)
     param_dtype: Any = jnp.float32
     remat: str = "none"  # training: recompute each layer in the backward pass ("full" or "dots"; see REMAT)
+    scan_layers: bool = False  # one nn.scan over stacked decoder layers (params under "layers", see stacking)
+    attention: str = "auto"  # recompute | xla | cudnn | auto (layers.ATTENTIONS, resolve_attention)
 
     def __post_init__(self):
         if self.remat not in REMAT:
             raise ConfigError(f"remat: expected one of {sorted(REMAT)}; got {self.remat!r}")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"attention: expected one of {list(ATTENTIONS)}; got {self.attention!r}")
         super().__post_init__()
 
     @nn.compact
@@ -274,22 +291,46 @@ class LlamaForCausalLM(nn.Module):
         )
         embedding = embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), name="embed_tokens", **kw)
         x = embedding(input_ids)
-        new_cache = []
         layer_cls = LlamaDecoderLayer
         if REMAT[self.remat] is not None and cache is None:
-            layer_cls = nn.remat(LlamaDecoderLayer, policy=REMAT[self.remat])
-        for i in range(cfg.num_hidden_layers):
-            layer_cache = None if cache is None else cache[i]
-            x, layer_cache = layer_cls(cfg, name=f"layers_{i}", **kw)(
-                x, position_ids, allowed, layer_cache, cache_index
-            )
-            new_cache.append(layer_cache)
+            layer_cls = nn.remat(LlamaDecoderLayer, policy=REMAT[self.remat], prevent_cse=not self.scan_layers)
+        if self.scan_layers:
+            x, new_cache = self._scanned(layer_cls, x, position_ids, allowed, cache, cache_index)
+        else:
+            new_cache = []
+            for i in range(cfg.num_hidden_layers):
+                layer_cache = None if cache is None else cache[i]
+                x, layer_cache = layer_cls(cfg, name=f"layers_{i}", attention=self.attention, **kw)(
+                    x, position_ids, allowed, layer_cache, cache_index
+                )
+                new_cache.append(layer_cache)
         x = RMSNorm(cfg.rms_norm_eps, name="norm", **kw)(x)
         if cfg.tie_word_embeddings:
             logits = embedding.attend(x)
         else:
             logits = dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head", use_bias=False, **kw)(x)
         return logits if cache is None else (logits, new_cache)
+
+    def _scanned(self, layer_cls, x, positions, allowed, cache, cache_index):
+        """The decoder layers as one ``nn.scan``: every variable collection (params, and the adapters
+        ``dj.inject`` passes) sliced per layer, every PRNG stream split per layer. A key/value cache
+        is carried as stacked (batch, layers, ...) arrays, so that beam search reorders its first axis;
+        an ``init_cache`` list is stacked on the first call."""
+        if cache is not None and isinstance(cache, list):
+            cache = tuple(jnp.stack([layer[j] for layer in cache], axis=1) for j in range(2))
+        scan = nn.scan(
+            layer_cls,
+            variable_axes={True: 0},  # every collection: params, and e.g. dj.inject's adapters
+            split_rngs={True: True},  # every stream: one dropout mask per layer
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast if cache is None else 1, nn.broadcast),
+            out_axes=1,
+            length=self.config.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: LAYERS},
+        )
+        layers = scan(
+            self.config, name=LAYERS, dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention
+        )
+        return layers(x, positions, allowed, cache, cache_index)
 
 
 def init_cache(
