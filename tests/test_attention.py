@@ -130,9 +130,10 @@ def test_attention_cost_script_measures_saved_activations_linear_in_seq_for_ours
     assert long["jax_xla"]["residual_mib"] > 2.5 * short["jax_xla"]["residual_mib"]  # autodiff: probabilities kept
 
 
-@pytest.mark.parametrize("mask", list(MASKS), ids=list(MASKS))
+@pytest.mark.parametrize("mask", ["causal_padding", "sliding_window"])
 def test_xla_implementation_equals_the_recomputing_kernel(mask):
-    # jax.nn.dot_product_attention (model.attention="xla"; "cudnn" shares its call) with our masks, GQA.
+    # jax.nn.dot_product_attention (model.attention="xla"; "cudnn" shares its call) with the Llama family's
+    # masks (causal with padding; Mistral's window), GQA.
     q, k, v = operands(4, 2, jnp.float32)
     spec = dict(MASKS[mask])
     padding = jnp.ones((BATCH, QUERY)).at[1, 6:].set(0) if spec.pop("padding") else None

@@ -13,13 +13,13 @@ from conftest import TINY_LLAMA, perturb
 from dora_jax import generate, io, models, parallel
 from dora_jax.errors import ShapeError
 
-HF = dict(TINY_LLAMA, model_type="llama", num_hidden_layers=3)
+HF = dict(TINY_LLAMA, model_type="llama")  # 2 layers
 TARGETS = r".*/(q_proj|v_proj|o_proj|down_proj)/kernel"
 
 
 @pytest.fixture(scope="module")
 def pair():
-    """(unrolled, scanned) modules of the same 3-layer Llama, params of each (the same weights), ids."""
+    """(unrolled, scanned) modules of the same 2-layer Llama, params of each (the same weights), ids."""
     unrolled = models.from_hf_config(HF)
     scanned = models.from_hf_config(HF, scan_layers=True)
     params = jax.jit(models.init_params, static_argnums=0)(unrolled, jax.random.key(0))
@@ -31,7 +31,7 @@ def test_stacking_round_trips_and_matches_the_scanned_models_own_layout(pair):
     unrolled, scanned, params, stacked, _ = pair
     shapes = jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype), stacked)
     assert shapes == jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype), models.abstract_params(scanned))
-    assert stacked["layers"]["self_attn"]["q_proj"]["kernel"].shape == (3, 64, 64)
+    assert stacked["layers"]["self_attn"]["q_proj"]["kernel"].shape == (2, 64, 64)
     chex_equal = jax.tree.map(np.testing.assert_array_equal, models.unstack_layers(stacked), params)
     assert chex_equal is not None
     assert models.unstack_layers(params) is params and models.stack_layers(stacked) is stacked
@@ -104,7 +104,7 @@ def test_each_scanned_layer_draws_its_own_dropout_mask(pair, monkeypatch):
 
     monkeypatch.setattr(inject._Adapted, "__init__", record)
     jax.block_until_ready(dj.inject(scanned.apply, cfg)(stacked, adapters, ids, dropout_rng=jax.random.key(2)))
-    assert len(keys) == 3 and len(set(keys)) == 3
+    assert len(keys) == 2 and len(set(keys)) == 2
 
 
 def test_beam_search_on_the_scanned_models_cache_gives_the_unrolled_models_beams(pair):
