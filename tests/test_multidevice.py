@@ -41,8 +41,7 @@ def test_data_fsdp_and_tensor_meshes_give_the_losses_of_one_device(eight_devices
 def test_sharded_evaluator_scores_like_one_device(eight_devices):
     scores = eight_devices["eval_scores"]
     assert len(scores["one_device"]) == 16
-    for mesh in ("data", "mixed"):
-        np.testing.assert_allclose(scores[mesh], scores["one_device"], rtol=1e-5, atol=1e-5, err_msg=mesh)
+    np.testing.assert_allclose(scores["mixed"], scores["one_device"], rtol=1e-5, atol=1e-5)  # data x fsdp x tensor
 
 
 def test_fsdp_shrinks_per_device_parameter_memory(eight_devices):

@@ -38,7 +38,10 @@ def stack_layers(tree: Any) -> Any:
     layers = [tree[f"{LAYERS}_{i}"] for i in indices]
     structures = {jax.tree.structure(layer) for layer in layers}
     if len(structures) > 1:
-        raise ShapeError(f"layers_0 ... layers_{len(indices) - 1} differ in structure and cannot be stacked")
+        raise ShapeError(
+            f"layers_0 ... layers_{len(indices) - 1} differ in structure and cannot be stacked (adapters on some "
+            "layers only, e.g. PEFT's layers_to_transform?): a scanned model adapts every layer alike"
+        )
     rest = {key: value for key, value in tree.items() if not _LAYER.fullmatch(str(key))}
     return {**rest, LAYERS: jax.tree.map(_stack, *layers)}
 
