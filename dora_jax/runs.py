@@ -181,7 +181,7 @@ def place(config: ml_collections.ConfigDict, mesh: Any = None) -> LoadedRun:
     (default: ``make_mesh(config)``); checks ``config`` first."""
     run_config.check(config)
     model, params = load_base(config)
-    return _place(config, mesh, model, params, jax.device_put)
+    return _place(config, mesh, model, params)
 
 
 def place_abstract(config: ml_collections.ConfigDict, mesh: Any = None) -> LoadedRun:
@@ -189,10 +189,12 @@ def place_abstract(config: ml_collections.ConfigDict, mesh: Any = None) -> Loade
     model's config alone; nothing is read or allocated (what scripts/memory_plan.py compiles)."""
     run_config.check(config)
     model, params = abstract_base(config)
-    return _place(config, mesh, model, params, abstract, materialize=False)
+    return _place(config, mesh, model, params, materialize=False)
 
 
-def _place(config, mesh, model, params, put, materialize=True) -> LoadedRun:
+def _place(config, mesh, model, params, materialize=True) -> LoadedRun:
+    """``place`` (arrays put on the mesh) or ``place_abstract`` (``materialize=False``: shapes)."""
+    put = jax.device_put if materialize else abstract
     mesh = make_mesh(config) if mesh is None else mesh
     rules = parallel.rules_from(config.mesh.rules)
     logical = models.logical_axes(model)
@@ -205,13 +207,14 @@ def _place(config, mesh, model, params, put, materialize=True) -> LoadedRun:
     adapters = adapter_sharding = None
     if adapter_cfg is not None:
         init = functools.partial(new_adapters, model, adapter_cfg, jax.random.key(config.seed))
-        adapters = jax.eval_shape(init, params)
+        # Op by op (each op's program is reused by every later run of the process), except for a scanned
+        # model: compiled once the shardings are known, so that its layers are sliced without a copy.
+        compiled = materialize and models.scans_layers(model)
+        adapters = init(params) if materialize and not compiled else jax.eval_shape(init, params)
         report_merged_targets(model, params, adapters, adapter_cfg)
         adapter_sharding = parallel.adapter_shardings(adapters, logical, mesh, rules)
-        if materialize and models.scans_layers(model):  # compiled: the layers are sliced without a copy
+        if compiled:
             adapters = jax.jit(init, out_shardings=adapter_sharding)(params)
-        elif materialize:  # op by op: each op's program is reused by every later run of the process
-            adapters = init(params)
         adapters = put(adapters, adapter_sharding)
     return LoadedRun(
         config,

@@ -122,12 +122,17 @@ def attention_bias(
 ATTENTIONS = ("auto", "recompute", "xla", "cudnn")
 
 
+def check_attention(attention: str) -> None:
+    """Raises ConfigError naming the choices unless ``attention`` is an entry of ``ATTENTIONS``."""
+    if attention not in ATTENTIONS:
+        raise ConfigError(f"attention: expected one of {list(ATTENTIONS)}; got {attention!r}")
+
+
 def resolve_attention(attention: str, dtype, head_dim: int, backend: str | None = None) -> str:
     """The implementation ``attention`` names on ``backend`` (default: JAX's): "auto" is cuDNN on a GPU
     for 16-bit compute and head dims it fuses (multiples of 8 up to 128), XLA's on other accelerators,
     the recomputing kernel on CPU."""
-    if attention not in ATTENTIONS:
-        raise ConfigError(f"attention: expected one of {list(ATTENTIONS)}; got {attention!r}")
+    check_attention(attention)
     if attention != "auto":
         return attention
     backend = backend or jax.default_backend()

@@ -19,10 +19,10 @@ import numpy as np
 
 from dora_jax.errors import ConfigError
 from dora_jax.models.layers import (
-    ATTENTIONS,
     RMSNorm,
     activation,
     attention_bias,
+    check_attention,
     dense,
     dot_product_attention,
     embed,
@@ -274,8 +274,7 @@ class LlamaForCausalLM(nn.Module):
     def __post_init__(self):
         if self.remat not in REMAT:
             raise ConfigError(f"remat: expected one of {sorted(REMAT)}; got {self.remat!r}")
-        if self.attention not in ATTENTIONS:
-            raise ConfigError(f"attention: expected one of {list(ATTENTIONS)}; got {self.attention!r}")
+        check_attention(self.attention)
         super().__post_init__()
 
     @nn.compact
