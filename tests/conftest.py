@@ -3,6 +3,7 @@
 import os
 import pathlib
 import shutil
+import subprocess
 import tempfile
 
 import flax.linen as nn
@@ -33,6 +34,17 @@ if CACHE_OWNER:
 def pytest_sessionfinish(session):
     if CACHE_OWNER and not hasattr(session.config, "workerinput"):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_command(argv, env=None, timeout=600):
+    """Runs ``argv`` in the repository root as a user would (text output captured) and asserts it succeeded,
+    showing the end of its stderr otherwise."""
+    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 # How pytest-xdist shares the suite between its two processes (scripts/test.sh): each test file is a

@@ -101,20 +101,10 @@ def test_the_device_check_runs_end_to_end_on_a_tiny_cpu_shape(tmp_path):
     """scripts/device_check.sh as a lent GPU runs it, on the tiny shape: every row, JSON and markdown."""
     import json
     import os
-    import pathlib
-    import subprocess
 
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = dict(os.environ, DEVICE_CHECK_SHAPE="tiny")
-    result = subprocess.run(
-        ["bash", "scripts/device_check.sh", str(tmp_path)],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    from conftest import run_command
+
+    run_command(["bash", "scripts/device_check.sh", str(tmp_path)], env=dict(os.environ, DEVICE_CHECK_SHAPE="tiny"))
     rows = json.loads((tmp_path / "device_check.json").read_text())
     (compiled,) = [r for r in rows if r["model"] == "compile_time"]  # 2 layers unrolled and scanned
     assert compiled["layers"] == 2 and compiled["ratio_total"] == pytest.approx(

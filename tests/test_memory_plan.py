@@ -4,13 +4,13 @@ import json
 import math
 import os
 import pathlib
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import run_command
 from dora_jax import base_model, models, run_config, runs, train
 from dora_jax.errors import ConfigError
 from scripts import memory_plan
@@ -56,8 +56,7 @@ def test_eight_devices_with_fsdp_hold_an_eighth_of_every_embed_axis_from_the_com
     argv += ["--config.model.hf_dir=random", "--config.train.batch_size=8", "--config.mesh.fsdp=8"]
     argv += [f"--config.model.base.architecture.{k}={v}" for k, v in SMALL.items()]
     argv += ["--config.train.finetune=full", "--device_memory=1GiB"]
-    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_command(argv, env=env, timeout=300)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["devices"] == 8 and figures["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and figures["fits"]
     # by hand: fsdp splits each parameter's embed axis (64 = 8 x 8) in 8, the norms stay whole; the

@@ -5,24 +5,19 @@ The runs happen once, in a subprocess (tests/multidevice.py) that sets XLA's for
 
 import json
 import os
-import pathlib
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from conftest import ROOT, run_command
 
 
 @pytest.fixture(scope="module")
 def eight_devices():
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "multidevice.py")], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_command([sys.executable, str(ROOT / "tests" / "multidevice.py")], env=env)
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS "))
     return json.loads(line.removeprefix("RESULTS "))
 

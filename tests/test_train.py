@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import dora_jax as dj
-from conftest import TEST_XLA_FLAG
+from conftest import TEST_XLA_FLAG, run_command
 from dora_jax import base_model, io, run_config, train
 from dora_jax.errors import ConfigError, InjectError
 
@@ -246,21 +246,8 @@ def test_readme_run_command_adapts_the_default_task(tmp_path):
     env = dict(os.environ, DORA_JAX_CACHE=str(tmp_path / "cache"))
     env["XLA_FLAGS"] = env["XLA_FLAGS"].replace(TEST_XLA_FLAG, "")  # as a user runs it (see conftest.py),
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # with no compilation cache
-    result = subprocess.run(
-        [
-            "bash",
-            "scripts/run.sh",
-            "--config=configs/default.py",
-            f"--workdir={tmp_path / 'run'}",
-            "--config.train.progress_bar=False",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    argv = ["bash", "scripts/run.sh", "--config=configs/default.py", f"--workdir={tmp_path / 'run'}"]
+    result = run_command([*argv, "--config.train.progress_bar=False"], env=env)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["before"]["exact_match"] < 0.05 and summary["after"]["exact_match"] > 0.95
     assert "eval exact match" in result.stdout
