@@ -18,10 +18,10 @@ tokens/s, the ratios to LoRA on the same path (DoRA folded against LoRA folded, 
 fine-tuning, XLA's compiled FLOPs (``cost_analysis``) and peak memory (``memory_analysis``:
 arguments + outputs + temporaries − aliased), then the same as JSON; then how long the train step
 of a ``--compile-layers`` Llama takes to compile unrolled and with ``model.scan_layers``
-(``scripts/compile_time.py``). Ratios are computed from
-this run's own measurements. With ``--peak-tflops`` (the device's dense peak for the compute
-dtype) it adds MFU: the step's compiled FLOPs per second over that peak (with ``remat`` none the
-compiled FLOPs are the model's).
+(``scripts/compile_time.py``). Ratios are computed from this run's own measurements. With
+``--peak-tflops`` (the device's dense peak for the compute dtype) it adds the model FLOPs and MFU:
+the step's FLOPs as written (XLA's count of the lowered HLO with XLA's attention: every matmul once,
+no recomputation; a GPU's compiled count omits the cuBLAS and cuDNN calls) per second over that peak.
 """
 
 from __future__ import annotations
@@ -165,8 +165,9 @@ def optimizer(trainable) -> optax.GradientTransformation:
 
 
 def variant_step(model, params, name, method, norm_grad, path, rank, placement="all"):
-    """(jitted step, state, frozen) of one variant: the CLI's forward (``runs.make_forward``), train
-    step and optimizer; the merge path builds W' = merge(...) in the forward instead."""
+    """(step_for, state, frozen) of one variant: ``step_for(model)`` jits the CLI's train step
+    (``runs.make_forward``, its optimizer) over ``model`` (the timed one, or the same shapes with XLA's
+    attention for the model FLOPs); the merge path builds W' = merge(...) in the forward instead."""
     if method is None:
         cfg = None
         mask = jax.tree.map(lambda _: True, params)
@@ -188,16 +189,26 @@ def variant_step(model, params, name, method, norm_grad, path, rank, placement="
         adapters = jax.tree.map(lambda a: a + 0.01, adapters)  # B (VeRA: lambda_b) != 0: a trained adapter
         trained, frozen = dj.partition(params, dj.trainable_mask(params))
         trainable = {"adapters": adapters, "params": trained}
-    forward = runs.make_forward(model, cfg)
-    if path == "merge" and cfg is not None:
-
-        def forward(trainable, frozen, batch, rng):
-            merged = dj.merge(dj.combine(trainable["params"], frozen), trainable["adapters"], cfg)
-            return model.apply({"params": merged}, batch["inputs"])
-
     tx = optimizer(trainable)
-    step = jax.jit(optim.make_train_step(forward, tx, metrics_of(model)), donate_argnums=(0,))
-    return step, optim.init_state(tx, trainable), frozen
+
+    def step_for(model):
+        forward = runs.make_forward(model, cfg)
+        if path == "merge" and cfg is not None:
+
+            def forward(trainable, frozen, batch, rng):
+                merged = dj.merge(dj.combine(trainable["params"], frozen), trainable["adapters"], cfg)
+                return model.apply({"params": merged}, batch["inputs"])
+
+        return jax.jit(optim.make_train_step(forward, tx, metrics_of(model)), donate_argnums=(0,))
+
+    return step_for, optim.init_state(tx, trainable), frozen
+
+
+def model_gflop(step, args_) -> float:
+    """The step's FLOPs as written: XLA's count of the lowered (not yet optimized) HLO, every matmul
+    once, no recomputation (remat, a recomputing attention backward) and nothing hidden in library
+    calls, which a GPU's compiled count omits (cuBLAS matmuls, cuDNN attention). MFU's numerator."""
+    return step.lower(*args_).cost_analysis()["flops"] / 1e9
 
 
 def compiled_figures(step, args_) -> dict:
@@ -220,6 +231,8 @@ def compiled_figures(step, args_) -> dict:
 def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
     llama = {"attention": args.attention} if name == "llama" else {}  # model.attention: the Llama family's
     model = models.from_hf_config(hf_config, dtype=jnp.dtype(args.dtype), **llama)
+    flops_model = models.from_hf_config(hf_config, dtype=jnp.dtype(args.dtype), **(llama and {"attention": "xla"}))
+    peak = peak_tflops(args.peak_tflops)
     params = models.init_params(model, jax.random.key(0))
     devices = jax.devices()
     mesh = Mesh(np.array(devices), ("data",))
@@ -240,9 +253,13 @@ def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
             continue
         for path in ["factored"] if method is None else args.paths.split(","):
             key = variant if method is None else f"{variant}/{path}"
-            step, state, frozen = variant_step(model, params, variant, method, norm_grad, path, args.rank, placement)
+            built = variant_step(model, params, variant, method, norm_grad, path, args.rank, placement)
+            step_for, state, frozen = built
             state = jax.device_put(state, replicated)
-            figures = compiled_figures(step, (state, frozen, batch, jax.random.key(0)))
+            step, step_args = step_for(model), (state, frozen, batch, jax.random.key(0))
+            figures = compiled_figures(step, step_args)
+            if peak:  # MFU: the model's FLOPs, counted on the step with XLA's attention (no cuDNN call)
+                figures["model_gflop"] = model_gflop(step_for(flops_model), step_args)
             run = {"step": step, "state": state, "frozen": frozen, "figures": figures, "times": []}
             run["advance"] = lambda run=run: _advance(run, batch)
             runs[key] = run
@@ -278,7 +295,8 @@ def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
                 "peak_vs_lora": figures["peak_mib"] / runs[lora]["figures"]["peak_mib"] if figures else None,
                 "gflop": figures.get("gflop"),
                 "peak_mib": figures.get("peak_mib"),
-                "mfu": mfu(figures.get("gflop"), medians[key], peak_tflops(args.peak_tflops)),
+                "model_gflop": figures.get("model_gflop"),
+                "mfu": mfu(figures.get("model_gflop"), medians[key], peak),
                 "temp_mib": figures.get("temp_mib"),
                 "devices": len(devices),
             }
@@ -375,7 +393,7 @@ def peak_tflops(value: str) -> float:
 
 
 def mfu(gflop: float | None, seconds: float, peak_tflops: float) -> float | None:
-    """Compiled FLOPs per second of a step over the device peak; None without a peak or FLOPs."""
+    """Model FLOPs (``model_gflop``) per second of a step over the device peak; None without a peak or FLOPs."""
     if not peak_tflops or not gflop:
         return None
     return gflop * 1e9 / seconds / (peak_tflops * 1e12)
@@ -384,8 +402,8 @@ def mfu(gflop: float | None, seconds: float, peak_tflops: float) -> float | None
 def table(rows: list[dict]) -> str:
     with_mfu = any(r.get("mfu") is not None for r in rows)
     head = "| model | variant | ms/step | tokens/s | vs LoRA | vs full FT | GFLOP | peak MiB | peak vs LoRA |"
-    head += " MFU |" if with_mfu else ""
-    lines = [head, "|---|---|---|---|---|---|---|---|---|" + ("---|" if with_mfu else "")]
+    head += " model GFLOP | MFU |" if with_mfu else ""  # GFLOP: compiled (CPU: what runs); model: as written
+    lines = [head, "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if with_mfu else "")]
 
     def fmt(value, spec):
         return "–" if value is None else format(value, spec)
@@ -394,7 +412,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | "
             f"{r['vs_lora']:.2f} | {r['vs_full']:.2f} | {fmt(r['gflop'], '.1f')} | {fmt(r['peak_mib'], '.0f')} | "
-            f"{fmt(r['peak_vs_lora'], '.2f')} |" + (f" {fmt(r['mfu'], '.1%')} |" if with_mfu else "")
+            f"{fmt(r['peak_vs_lora'], '.2f')} |"
+            + (f" {fmt(r['model_gflop'], '.1f')} | {fmt(r['mfu'], '.1%')} |" if with_mfu else "")
         )
     return "\n".join(lines)
 

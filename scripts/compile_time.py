@@ -111,10 +111,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--markdown", help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     figures = compare(args.layers, args.hidden, args.method, args.rank, args.seq, args.repeats)
     print(table(figures))
     print(json.dumps(figures))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}\n\n{table(figures)}\n")
     return figures
 
 

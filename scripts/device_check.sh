@@ -5,9 +5,10 @@
 # norm) on the factored and folded forwards, and PEFT's full / LoRA / DoRA steps of the same shape and
 # loss in the same round-robin loop; tokens/s, MFU (compiled FLOPs over the device's bfloat16 peak,
 # 'auto' from its device_kind), peak memory; the train step's compile time for 32 layers unrolled and
-# scanned (model.scan_layers); the Llama rows again with XLA's attention in place of "auto" (cuDNN's on
-# a GPU). Writes DIR/device_check.{json,md} and DIR/attention_xla.{json,md} (DIR: $1, else $OUT when
-# set, as on the device machine, else device_check/).
+# scanned (model.scan_layers, scripts/compile_time.py); the Llama rows again with XLA's attention in
+# place of "auto" (cuDNN's on a GPU). Writes DIR/device_check.{json,md}, DIR/compile_time.{json,md}
+# and DIR/attention_xla.{json,md} (DIR: $1, else $OUT when set, as on the device machine, else
+# device_check/).
 #
 #   bash scripts/device_check.sh                 # ~1B shape: hidden 2048, 16 layers, 32k vocab, 16 x 1024 tokens
 #   DEVICE_CHECK_SHAPE=tiny bash scripts/device_check.sh /tmp/check   # the test suite's CPU run
@@ -20,18 +21,35 @@ python="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo py
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 if [ "${DEVICE_CHECK_SHAPE:-1b}" = tiny ]; then
   shape=(--llama-hidden 64 --llama-layers 1 --llama-vocab 128 --batch 2 --seq 16 --rank 2 --steps 2 --warmup 1
-    --dtype float32 --compile-layers 2 --compile-hidden 64 --compile-repeats 1)
+    --dtype float32)
+  compile=(--layers 2 --hidden 64 --rank 2 --seq 16 --repeats 1)
 else
   shape=(--llama-hidden 2048 --llama-layers 16 --llama-vocab 32000 --batch 16 --seq 1024 --rank 16 --steps 10
-    --warmup 2 --dtype bfloat16 --compile-layers 32 --compile-hidden 256)
+    --warmup 2 --dtype bfloat16)
+  compile=(--layers 32 --hidden 256 --rank 16 --repeats 1)
 fi
+# Three independent stages, each writing its own files as it ends: one that fails (or a time limit
+# that ends the machine's lease) leaves the others' figures, and the script exits non-zero at the end.
+failed=()
+stage() {
+  local name=$1
+  shift
+  echo "== $name: $*"
+  "$@" || failed+=("$name")
+}
 "$python" -c 'import jax; print("devices:", jax.devices())'
-"$python" -m scripts.benchmark --models llama "${shape[@]}" --paths factored,folded \
-  --variants dora_exact,dora_detach --peft --peak-tflops auto \
+stage benchmark "$python" -m scripts.benchmark --models llama "${shape[@]}" --paths factored,folded \
+  --variants dora_exact,dora_detach --peft --peak-tflops auto --compile-layers 0 \
   --json "$out/device_check.json" --markdown "$out/device_check.md"
+stage compile_time "$python" -m scripts.compile_time "${compile[@]}" \
+  --json "$out/compile_time.json" --markdown "$out/compile_time.md"
 # The same Llama rows with XLA's attention (model.attention=xla) beside the main run's "auto" (cuDNN's
 # fused attention on a GPU in bfloat16, the recomputing kernel on CPU).
-"$python" -m scripts.benchmark --models llama "${shape[@]}" --paths factored --variants dora_exact \
-  --peak-tflops auto --attention xla --compile-layers 0 \
+stage attention_xla "$python" -m scripts.benchmark --models llama "${shape[@]}" --paths factored \
+  --variants dora_exact --peak-tflops auto --attention xla --compile-layers 0 \
   --json "$out/attention_xla.json" --markdown "$out/attention_xla.md"
-echo "written: $out/device_check.json, $out/device_check.md, $out/attention_xla.json, $out/attention_xla.md"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "failed stages: ${failed[*]}" >&2
+  exit 1
+fi
+echo "written: $out/{device_check,compile_time,attention_xla}.{json,md}"
