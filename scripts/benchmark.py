@@ -206,8 +206,9 @@ def variant_step(model, params, name, method, norm_grad, path, rank, placement="
 
 def model_gflop(step, args_) -> float:
     """The step's FLOPs as written: XLA's count of the lowered (not yet optimized) HLO, every matmul
-    once, no recomputation (remat, a recomputing attention backward) and nothing hidden in library
-    calls, which a GPU's compiled count omits (cuBLAS matmuls, cuDNN attention). MFU's numerator."""
+    once (the benchmark's steps have no remat; counted with XLA's attention, not the recomputing
+    kernel) and nothing hidden in library calls, which a GPU's compiled count omits (cuBLAS matmuls,
+    cuDNN attention). MFU's numerator."""
     return step.lower(*args_).cost_analysis()["flops"] / 1e9
 
 

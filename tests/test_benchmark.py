@@ -5,7 +5,7 @@ import pytest
 
 from scripts import benchmark
 
-TINY = ["--batch", "2", "--seq", "16", "--rank", "2", "--steps", "2", "--warmup", "1", "--peak-tflops", "0.5"]
+TINY = ["--batch", "2", "--seq", "16", "--rank", "2", "--steps", "2", "--warmup", "1"]
 TINY += ["--minilm-layers", "1", "--minilm-hidden", "48", "--llama-hidden", "64", "--llama-layers", "1"]
 TINY += ["--llama-vocab", "128", "--compile-layers", "0"]  # compile times: the device check's test below
 
@@ -16,8 +16,9 @@ CORE = ("lora", "dora_exact")  # the variants the Llama shape runs; MiniLM runs 
 @pytest.fixture(scope="module")
 def rows():
     """Every path and variant once: the Llama shape merged (LoRA and DoRA; factored and folded: the device
-    check below), the MiniLM shape folded with every variant, PEFT's rows beside it."""
-    variants = ["--variants", ",".join(CORE)]
+    check below), the MiniLM shape folded with every variant, PEFT's rows beside it; MFU (a second lowering
+    of each step, for its model FLOPs) on the Llama shape."""
+    variants = ["--variants", ",".join(CORE), "--peak-tflops", "0.5"]
     llama = benchmark.main(benchmark.parse_args([*TINY, "--models", "llama", "--paths", "merge", *variants]))
     minilm = benchmark.main(benchmark.parse_args([*TINY, "--models", "minilm", "--paths", "folded", "--peft"]))
     return llama + minilm
@@ -52,10 +53,23 @@ def test_ratios_are_computed_from_the_runs_own_times(rows):
             assert r["tokens_per_s"] == pytest.approx(2 * 16 * 1000 / r["ms_per_step"])
             if not torch_side:
                 assert r["peak_vs_lora"] == pytest.approx(r["peak_mib"] / by[lora]["peak_mib"])
-                # MFU: the model FLOPs per second of this run's own median step over --peak-tflops.
+            if model == "llama":  # MFU: the model FLOPs per second of this run's own median step over --peak-tflops
                 assert r["mfu"] == pytest.approx(r["model_gflop"] * 1e9 / (r["ms_per_step"] / 1e3) / 0.5e12)
-            else:
-                assert r["mfu"] is None
+            else:  # no --peak-tflops: no MFU, and no second lowering for the model FLOPs
+                assert r["mfu"] is None and r["model_gflop"] is None
+
+
+def test_model_flops_count_each_matmul_once_as_written():
+    import jax
+    import jax.numpy as jnp
+
+    x, w = jnp.ones((8, 16)), jnp.ones((16, 4))
+    assert benchmark.model_gflop(jax.jit(lambda x, w: x @ w), (x, w)) * 1e9 == 2 * 8 * 16 * 4
+
+
+def test_full_fine_tuning_has_more_model_flops_than_an_adapter_step(rows):
+    by = {r["variant"]: r for r in rows if r["model"] == "llama"}  # the weight gradients LoRA does not take
+    assert by["full"]["model_gflop"] > by["lora/merge"]["model_gflop"]
 
 
 def test_data_throughput_counts_the_batches_it_builds():

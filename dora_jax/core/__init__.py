@@ -1,6 +1,6 @@
 """Pure DoRA/LoRA functions on arrays and pytrees: no Flax modules, no I/O, no global state."""
 
-from dora_jax.core import conv, embed, vera
+from dora_jax.core import conv, embed, quantize, vera
 from dora_jax.core.adapters import (
     adapter_entries,
     check_adapter,
@@ -49,5 +49,6 @@ __all__ = [
     "matched_entries",
     "merge",
     "merge_kernel",
+    "quantize",
     "vera",
 ]
