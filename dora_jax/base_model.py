@@ -94,7 +94,8 @@ def abstract_base(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     model's ``config.json`` (or the random base's architecture) alone, no weight read or built."""
     dtype, compute = jnp.dtype(config.model.dtype), jnp.dtype(config.model.compute_dtype)
     model = base_module(config, dtype=compute, param_dtype=dtype, **_layers(config))
-    return model, jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype), models.abstract_params(model))
+    params = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype), models.abstract_params(model))
+    return model, jax.eval_shape(lambda p: _quantized(model, p, config), params)
 
 
 def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
@@ -104,10 +105,18 @@ def load_base(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
         model = models.from_hf_config(
             config.model.base.architecture.to_dict(), dtype=compute, param_dtype=dtype, **_layers(config)
         )
-        return model, models.init_params(model, jax.random.key(config.seed))
+        return model, _quantized(model, models.init_params(model, jax.random.key(config.seed)), config)
     hf_dir = run_config.require_path("model.hf_dir", config.model.hf_dir) if config.model.hf_dir else None
     hf_dir = hf_dir or build_synthetic_base(config)
-    return io.load_hf(hf_dir, dtype=dtype, compute_dtype=compute, num_labels=config.model.num_labels, **_layers(config))
+    quantize = {"quantize": config.model.quantize, "quantize_block": run_config.quantize_block(config)}
+    return io.load_hf(
+        hf_dir, dtype=dtype, compute_dtype=compute, num_labels=config.model.num_labels, **_layers(config), **quantize
+    )
+
+
+def _quantized(model: Any, params: Any, config: ml_collections.ConfigDict) -> Any:
+    """``params`` with the base kernels quantized as ``model.quantize`` asks (unchanged for "none")."""
+    return io.quantize_base(model, params, config.model.quantize, run_config.quantize_block(config))
 
 
 def _layers(config: ml_collections.ConfigDict) -> dict[str, Any]:

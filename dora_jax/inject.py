@@ -46,6 +46,7 @@ from dora_jax.core import (
     folded_dense,
     kernel_layout,
     merge,
+    quantize,
     vera,
 )
 from dora_jax.core.config import FALLBACKS
@@ -209,6 +210,37 @@ class _Adapted:
         return embed.attend(query, table, self.matrices, self.cfg)
 
 
+class _Plain:
+    """A frozen layer's own forward (no adapter), for a layer whose quantized kernel the router dequantizes."""
+
+    def dense(self, x, w0, bias, precision):
+        y = jax.lax.dot_general(x, w0, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+        return y if bias is None else y + bias
+
+    def conv(self, convolve, x, w0, bias):
+        y = convolve(x, w0)
+        return y if bias is None else y + bias
+
+
+def _call(handler, module, args, kwargs, kernel, bias, axes, layer):
+    """``handler``'s output (or its refusal); a quantized kernel is dequantized inside the layer, under a
+    remat that saves matmul outputs only, so that the backward dequantizes it again rather than keeping
+    the full-precision kernel of every layer alive (the codes are what is saved)."""
+    if not quantize.is_quantized(kernel):
+        return handler(module, args, kwargs, kernel, bias, axes, layer)
+    refusal: list[str] = []
+
+    def body(kernel):
+        out = handler(module, args, kwargs, quantize.dequantize(kernel), bias, axes, layer)
+        if isinstance(out, str):
+            refusal.append(out)
+            return jnp.zeros(())
+        return out
+
+    out = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_saveable)(kernel)
+    return refusal[0] if refusal else out
+
+
 class _Router:
     """The method interceptor: sends targeted layer calls through ``factored_dense`` (or ``folded_dense``).
 
@@ -232,19 +264,18 @@ class _Router:
             return next_fun(*args, **kwargs)
         leaf, methods = layer_type
         path = "/".join(module.path + (leaf,))
-        if path not in self.paths:
+        kernel = module.get_variable("params", leaf) if module.has_variable("params", leaf) else None
+        if path not in self.paths and not quantize.is_quantized(kernel):
             return next_fun(*args, **kwargs)
         handler = methods.get(context.method_name)
-        if handler is None:
-            self.refused[path] = f"its {type(module).__name__}.{context.method_name} reads it unrouted"
-            return next_fun(*args, **kwargs)
+        if path not in self.paths:  # a frozen quantized kernel: the layer's own forward, dequantized inside it
+            return self._plain(module, context.method_name, handler, path, kernel, args, kwargs)
         if not module.has_variable(ADAPTERS, leaf):
             self.refused[path] = (
                 f"its layer runs inside a lifted transform (nn.scan, nn.vmap, ...) that does not pass the "
                 f"{ADAPTERS!r} collection (give it variable_axes={{True: 0}} or list {ADAPTERS!r})"
             )
             return next_fun(*args, **kwargs)
-        kernel = module.get_variable("params", leaf)
         adapter = dict(module.get_variable(ADAPTERS, leaf))
         check_adapter(path, kernel, adapter, self.cfg)
         if "lambda_d" in adapter:
@@ -255,13 +286,27 @@ class _Router:
         rng = module.make_rng(DROPOUT_RNG) if self.dropout else None
         self.busy = True
         try:
-            out = handler(module, args, kwargs, kernel, bias, axes, _Adapted(matrices, self.cfg, rng))
+            out = _call(handler, module, args, kwargs, kernel, bias, axes, _Adapted(matrices, self.cfg, rng))
         finally:
             self.busy = False
         if isinstance(out, str):
             self.refused[path] = out
             return next_fun(*args, **kwargs)
         self.handled.add(path)
+        return out
+
+    def _plain(self, module, method, handler, path, kernel, args, kwargs):
+        refusal = None if handler is not None else f"its {type(module).__name__}.{method} has no dequantizing forward"
+        if handler is not None:
+            bias = module.get_variable("params", "bias") if getattr(module, "use_bias", False) else None
+            self.busy = True
+            try:
+                out = _call(handler, module, args, kwargs, kernel, bias, kernel.input_axes, _Plain())
+            finally:
+                self.busy = False
+            refusal = out if isinstance(out, str) else None
+        if refusal is not None:
+            raise InjectError(f"{path!r} is quantized, but {refusal}: keep this layer's kernel unquantized")
         return out
 
 

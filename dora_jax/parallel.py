@@ -7,6 +7,7 @@ parameters carry logical axis names (``dj.models.logical_axes``); rules map them
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dora_jax.core import is_adapter
+from dora_jax.core import is_adapter, quantize
 from dora_jax.errors import ConfigError
 from dora_jax.models.stacking import LAYERS
 from dora_jax.targets import path_str
@@ -87,13 +88,33 @@ def _spec(logical: PartitionSpec, rules: Sequence[tuple[str, Any]], mesh: Mesh, 
 
 
 def param_shardings(logical_specs: Any, abstract: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
-    """NamedSharding for every parameter from its logical spec."""
-    return jax.tree.map(
-        lambda spec, leaf: NamedSharding(mesh, _spec(spec, rules, mesh, leaf.shape)),
-        logical_specs,
-        abstract,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    """NamedSharding for every parameter from its logical spec (a quantized kernel: its codes and scales)."""
+
+    def one(spec: PartitionSpec, leaf: Any) -> Any:
+        if quantize.is_quantized(leaf):
+            return _quantized_sharding(spec, leaf, mesh, rules)
+        return NamedSharding(mesh, _spec(spec, rules, mesh, leaf.shape))
+
+    return jax.tree.map(one, logical_specs, abstract, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def _quantized_sharding(logical: PartitionSpec, kernel: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+    """A quantized 2-axis kernel's codes shard as the kernel; its scales (one per block of inputs and
+    output column) along the same axes. The input axis splits only where every shard holds whole
+    blocks (d_in / shards a multiple of the block size), so that no block straddles two devices; kernels
+    of more axes stay replicated."""
+    codes, scales = kernel.values.qvalue, kernel.values.scale
+    if kernel.ndim != 2:
+        code_spec = scale_spec = PartitionSpec()
+    else:
+        code_spec, scale_spec = _spec(logical, rules, mesh, codes.shape), _spec(logical, rules, mesh, scales.shape)
+        inputs = codes.ndim - 2  # after a stacked model's leading layers axis
+        if kernel.block_size and scale_spec[inputs] is None:  # the blocks do not divide over the input's shards
+            code_spec = PartitionSpec(*code_spec[:inputs], None, *code_spec[inputs + 1 :])
+    values = dataclasses.replace(
+        kernel.values, qvalue=NamedSharding(mesh, code_spec), scale=NamedSharding(mesh, scale_spec)
     )
+    return dataclasses.replace(kernel, values=values)
 
 
 def adapter_shardings(adapters: Any, logical_specs: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:

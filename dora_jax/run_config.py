@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from dora_jax.core import AdapterConfig
+from dora_jax.core import AdapterConfig, quantize
 from dora_jax.data import SOURCES
 from dora_jax.errors import ConfigError
 from dora_jax.models.layers import ATTENTIONS
@@ -57,6 +57,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.scan_layers = False  # Llama: one nn.scan over the decoder layers (stacked params; compiles once per layer)
     c.model.attention = "auto"  # Llama: recompute | xla | cudnn | auto (cuDNN on GPUs, XLA's on TPUs, recompute on CPU)
     c.model.compute_dtype = "float32"  # dtype of activations (bfloat16 on accelerators)
+    c.model.quantize = "none"  # none | nf4 | int8: the frozen base's linear kernels stored quantized (QDoRA, QLoRA)
+    c.model.quantize_block = -1  # inputs per quantization scale; 0: one per output column; -1: NF4 64, int8 0
     c.model.base = ml_collections.ConfigDict()  # the synthetic base, built on first use and cached
     c.model.base.cache_dir = ""  # where to keep it; "" = $DORA_JAX_CACHE or ~/.cache/dora_jax
     c.model.base.task = "copy"  # synthetic task it is pretrained on
@@ -178,6 +180,15 @@ def check(config: ml_collections.ConfigDict) -> None:
             "adapter.method='dvora' with export.peft=True: PEFT has no DVoRA; set export.peft=False "
             "(and export.merged=True for the merged model)"
         )
+    try:
+        quantize.check_scheme(config.model.quantize, quantize_block(config))
+    except ValueError as err:
+        raise ConfigError(f"model.quantize / model.quantize_block: {err}") from None
+    if config.model.quantize != "none" and config.train.finetune == "full":
+        raise ConfigError(
+            f"model.quantize={config.model.quantize!r} with train.finetune='full': a quantized base is frozen; "
+            "train adapters (train.finetune='adapter') or set model.quantize='none'"
+        )
     choices = (
         ("train.schedule", config.train.schedule, list(SCHEDULES)),
         ("model.remat", config.model.remat, sorted(REMAT)),
@@ -260,6 +271,12 @@ def adapter_config(config: ml_collections.ConfigDict) -> AdapterConfig | None:
     return AdapterConfig.from_dict(config.adapter)
 
 
+def quantize_block(config: ml_collections.ConfigDict) -> int | None:
+    """``model.quantize_block``, None for -1 (the scheme's default: bitsandbytes' NF4 64, int8 per column)."""
+    block = config.model.quantize_block
+    return None if block == -1 else block
+
+
 def method_name(config: ml_collections.ConfigDict) -> str:
     """What a run trains, in a word: "full" or the adapter method."""
     return "full" if config.train.finetune == "full" else config.adapter.method
@@ -269,10 +286,13 @@ def upgrade(values: dict[str, Any]) -> dict[str, Any]:
     """A flat config stored by an earlier version in today's keys: ``adapter.method="full"`` was
     full fine-tuning before ``train.finetune`` existed; ``train.decay_magnitude`` (decay m with
     ``train.weight_decay`` or not) before ``train.magnitude_weight_decay``; ``model.scan_layers`` and
-    ``model.attention`` did not exist (layers unrolled, attention as "auto" computes it on CPU)."""
+    ``model.attention`` did not exist (layers unrolled, attention as "auto" computes it on CPU), nor
+    ``model.quantize`` / ``model.quantize_block`` (an unquantized base)."""
     values = dict(values)
     values.setdefault("model.scan_layers", False)  # before scanned layers, every run unrolled them
     values.setdefault("model.attention", "auto")  # and attention as "auto" computes it on CPU
+    values.setdefault("model.quantize", "none")  # and the base unquantized
+    values.setdefault("model.quantize_block", -1)
     if "train.decay_magnitude" in values:
         decays = values.pop("train.decay_magnitude")
         values["train.magnitude_weight_decay"] = values.get("train.weight_decay", 0.0) if decays else 0.0

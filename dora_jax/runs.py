@@ -24,7 +24,7 @@ import ml_collections
 
 from dora_jax import io, models, optim, parallel, run_config
 from dora_jax.base_model import abstract_base, base_module, load_base
-from dora_jax.core import AdapterConfig, init_adapters, merge
+from dora_jax.core import AdapterConfig, init_adapters, merge, quantize
 from dora_jax.errors import ConfigError, InjectError
 from dora_jax.inject import describe, inject, merged_targets
 from dora_jax.io import checkpoints
@@ -112,11 +112,12 @@ class LoadedRun:
 
     def merged_params(self) -> Any:
         """The params with the adapters folded in (W' = m V'/||V'||): a plain model, on the host,
-        layer by layer as ``params``."""
+        layer by layer as ``params``; a quantized base's kernels dequantized (to ``model.dtype``), as
+        PEFT's merge_and_unload gives them from a 4-bit base."""
         params = self.params()
-        if self.adapter_cfg is None:
-            return params
-        return merge(params, self.adapters(), self.adapter_cfg)
+        if self.adapter_cfg is not None:
+            params = merge(params, self.adapters(), self.adapter_cfg)
+        return quantize.dequantize_tree(params)
 
     def jit_metric(self, metric: Any) -> Any:
         """(trainable, frozen, batch) -> metric(output, batch), jitted, batches split over the mesh."""

@@ -29,9 +29,25 @@ def path_str(keypath: Iterable[Any]) -> str:
     return "/".join(key_name(k) for k in keypath)
 
 
+# Pytree node types that stand for one parameter (core.quantize's QuantizedKernel: codes and scales of
+# one kernel), registered by the module that defines them: a path names the kernel, not its parts.
+_PARAMETER_NODES: list[type] = []
+
+
+def register_parameter_node(cls: type) -> type:
+    """Makes nodes of ``cls`` single leaves for ``leaves_by_path`` and ``is_parameter_node``."""
+    _PARAMETER_NODES.append(cls)
+    return cls
+
+
+def is_parameter_node(node: Any) -> bool:
+    return isinstance(node, tuple(_PARAMETER_NODES))
+
+
 def leaves_by_path(tree: Any) -> dict[str, Any]:
-    """All leaves of ``tree`` keyed by their '/'-joined path, in tree order."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    """All leaves of ``tree`` keyed by their '/'-joined path, in tree order (a registered parameter
+    node, e.g. a quantized kernel, is one leaf)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_parameter_node)
     return {path_str(kp): leaf for kp, leaf in flat}
 
 

@@ -10,18 +10,19 @@
 For each model shape it compiles the training CLI's own train step (``optim.make_train_step`` with
 the CLI's forward and optimizer: AdamW, schedule, clipping) per variant (full fine-tuning; LoRA;
 DoRA with norm_grad exact and detach; DoRA split as the paper's Table 6, A and B on q, k, v and the
-magnitude alone on the other layers; VeRA and DVoRA at the same r; ``--variants`` picks some) on the
-``inject`` path with the factored and the folded forward (``AdapterConfig.forward``) and on the
-``merge`` path), then times the variants round-robin (median of ``--steps`` timed steps after
-warm-up, ``block_until_ready``) so that machine noise hits all of them alike. It prints ms/step,
-tokens/s, the ratios to LoRA on the same path (DoRA folded against LoRA folded, ...) and to full
-fine-tuning, XLA's compiled FLOPs (``cost_analysis``) and peak memory (``memory_analysis``:
-arguments + outputs + temporaries − aliased), then the same as JSON; then how long the train step
-of a ``--compile-layers`` Llama takes to compile unrolled and with ``model.scan_layers``
-(``scripts/compile_time.py``). Ratios are computed from this run's own measurements. With
-``--peak-tflops`` (the device's dense peak for the compute dtype) it adds the model FLOPs and MFU:
-the step's FLOPs as written (XLA's count of the lowered HLO with XLA's attention: every matmul once,
-no recomputation; a GPU's compiled count omits the cuBLAS and cuDNN calls) per second over that peak.
+magnitude alone on the other layers; VeRA and DVoRA at the same r; QLoRA and QDoRA over an NF4 base
+when asked for; ``--variants`` picks some) on the ``inject`` path with the factored and the folded
+forward (``AdapterConfig.forward``) and on the ``merge`` path), then times the variants round-robin
+(median of ``--steps`` timed steps after warm-up, ``block_until_ready``) so that machine noise hits
+all of them alike. It prints ms/step, tokens/s, the ratios to LoRA on the same path (DoRA folded
+against LoRA folded, ...) and to full fine-tuning, XLA's compiled FLOPs (``cost_analysis``) and peak
+memory (``memory_analysis``: arguments + outputs + temporaries − aliased), then the same as JSON;
+then how long the train step of a ``--compile-layers`` Llama takes to compile unrolled and with
+``model.scan_layers`` (``scripts/compile_time.py``). Ratios are computed from this run's own
+measurements. With ``--peak-tflops`` (the device's dense peak for the compute dtype) it adds the
+model FLOPs and MFU: the step's FLOPs as written (XLA's count of the lowered HLO with XLA's
+attention: every matmul once, no recomputation; a GPU's compiled count omits the cuBLAS and cuDNN
+calls) per second over that peak.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def parse_args(argv=None):
     parser.add_argument("--minilm-hidden", type=int, default=384)
     parser.add_argument("--paths", default="factored,folded,merge", help="comma list of factored, folded, merge")
     parser.add_argument(
-        "--variants", default="", help="comma list of VARIANTS names (default: all); full and lora always run"
+        "--variants",
+        default="",
+        help="comma list of VARIANTS names (default: all but the quantized qlora, qdora); full and lora always run",
     )
     parser.add_argument("--device-count", type=int, default=0, help="forced host devices (data parallel)")
     parser.add_argument("--json", default="", help="also write the results to this file")
@@ -90,7 +93,7 @@ import optax  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import dora_jax as dj  # noqa: E402
-from dora_jax import metrics, models, optim, run_config, runs  # noqa: E402
+from dora_jax import io, metrics, models, optim, run_config, runs  # noqa: E402
 from dora_jax.models.layers import resolve_attention  # noqa: E402
 from scripts import compile_time  # noqa: E402
 from scripts.compare_paths import compiled_cost  # noqa: E402
@@ -103,7 +106,12 @@ VARIANTS = (  # name, method, norm_grad, placement: every linear layer, or the p
     ("dora_magnitude", "dora", "detach", "magnitude"),
     ("vera", "vera", "detach", "all"),
     ("dvora", "dvora", "detach", "all"),
+    ("qlora", "lora", "detach", "all"),
+    ("qdora", "dora", "exact", "all"),
 )
+# Variants over a quantized base (model.quantize: every linear kernel but the head's, bitsandbytes' NF4 in
+# blocks of 64): run only when --variants names them; "vs LoRA" is then the dequantization's cost.
+QUANTIZED = {"qlora": "nf4", "qdora": "nf4"}
 
 
 def model_shapes(args) -> dict:
@@ -244,8 +252,9 @@ def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
     if models.family(model).output == "hidden":
         target = regression_target(args.batch, args.seq, hf_config["hidden_size"])
     batch = jax.device_put(batch_of(model, ids, target), split)
-    runs = {}
-    wanted = set(args.variants.split(",")) | {"full", "lora"} if args.variants else {v[0] for v in VARIANTS}
+    runs, quantized = {}, {}
+    every = {v[0] for v in VARIANTS if v[0] not in QUANTIZED}
+    wanted = set(args.variants.split(",")) | {"full", "lora"} if args.variants else every
     unknown = wanted - {v[0] for v in VARIANTS}
     if unknown:
         raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {[v[0] for v in VARIANTS]}")
@@ -254,7 +263,10 @@ def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
             continue
         for path in ["factored"] if method is None else args.paths.split(","):
             key = variant if method is None else f"{variant}/{path}"
-            built = variant_step(model, params, variant, method, norm_grad, path, args.rank, placement)
+            if variant in QUANTIZED and QUANTIZED[variant] not in quantized:
+                quantized[QUANTIZED[variant]] = io.quantize_base(model, params, QUANTIZED[variant])
+            base = quantized[QUANTIZED[variant]] if variant in QUANTIZED else params
+            built = variant_step(model, base, variant, method, norm_grad, path, args.rank, placement)
             step_for, state, frozen = built
             state = jax.device_put(state, replicated)
             step, step_args = step_for(model), (state, frozen, batch, jax.random.key(0))

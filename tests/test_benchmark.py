@@ -10,7 +10,7 @@ TINY += ["--minilm-layers", "1", "--minilm-hidden", "48", "--llama-hidden", "64"
 TINY += ["--llama-vocab", "128", "--compile-layers", "0"]  # compile times: the device check's test below
 
 
-CORE = ("lora", "dora_exact")  # the variants the Llama shape runs; MiniLM runs every variant
+CORE = ("lora", "dora_exact", "qdora")  # the variants the Llama shape runs (QDoRA on an NF4 base); MiniLM: the rest
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def expected_variants(paths, variants):
 def test_every_variant_of_every_model_is_measured(rows):
     variants = {(r["model"], r["variant"]) for r in rows}
     llama = {("llama", v) for v in expected_variants(("merge",), CORE)}
-    minilm = {("minilm", v) for v in expected_variants(("folded",), [v[0] for v in benchmark.VARIANTS[1:]])}
+    every = [v[0] for v in benchmark.VARIANTS[1:] if v[0] not in benchmark.QUANTIZED]  # qlora, qdora: on request
+    minilm = {("minilm", v) for v in expected_variants(("folded",), every)}
     peft = {("minilm", f"peft_{v}/torch") for v in ("full", "lora", "dora")}  # the fixture asks --peft for MiniLM
     assert variants == llama | minilm | peft
     jax_rows = [r for r in rows if not r["variant"].endswith("/torch")]

@@ -1,5 +1,6 @@
-"""Quantized frozen kernels (core.quantize): bitsandbytes' NF4 and int8 codes, packed storage, and a QDoRA
-layer equal to PEFT's DoRA over a bitsandbytes 4-bit layer."""
+"""A quantized frozen base (QDoRA): bitsandbytes' NF4 and int8 codes, packed storage, a QDoRA layer equal to
+PEFT's DoRA over a bitsandbytes 4-bit layer; layers that dequantize their own kernel (inject), a backward that
+keeps the codes, HF loading that quantizes tensor by tensor, scanned layers, shardings, and a CLI run."""
 
 import pathlib
 
@@ -7,7 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_train import shared_base_cache, small
 
+import dora_jax as dj
+from conftest import ATTENTION_AXES, TINY_LLAMA, Block, perturb
+from dora_jax import data, io, models, parallel, runs, targets, train
 from dora_jax.core import AdapterConfig, factored_dense, kernel_layout
 from dora_jax.core import quantize as q
 
@@ -163,3 +168,134 @@ def test_qdora_layer_equals_pefts_dora_over_a_bitsandbytes_4bit_layer_in_values_
     np.testing.assert_allclose(grads["a"], a.grad.numpy().T, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(grads["b"], b.grad.numpy().T, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(grads["m"], magnitude.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def quantized_block():
+    """The conftest Block (attention on DenseGeneral kernels, an MLP on Dense ones) with every kernel NF4
+    in blocks of 16 inputs, and the same parameters with those kernels dequantized."""
+
+    model = Block()
+    x = jax.random.normal(jax.random.key(1), (2, 6, 32))
+    params = model.init(jax.random.key(0), x)["params"]
+    quantized = q.quantize_params(params, "nf4", 16, input_axes=ATTENTION_AXES)
+    return model, quantized, q.dequantize_tree(quantized), x
+
+
+@pytest.mark.parametrize("forward", ["factored", "folded"])
+def test_inject_on_quantized_kernels_equals_inject_on_their_dequantized_values(quantized_block, forward):
+
+    model, quantized, dequantized, x = quantized_block
+    cfg = dj.AdapterConfig(
+        rank=4, targets=r".*/(query|value|up)/kernel", input_axes=ATTENTION_AXES, forward=forward, fallback="error"
+    )  # the key, out and down kernels are frozen quantized layers the router dequantizes
+    adapters = perturb(dj.init_adapters(jax.random.key(2), quantized, cfg))
+    reference = perturb(dj.init_adapters(jax.random.key(2), dequantized, cfg))
+    jax.tree.map(np.testing.assert_array_equal, adapters, reference)  # m from the dequantized kernels
+    adapted = dj.inject(model.apply, cfg)
+
+    def loss(adapters, params):
+        return jnp.sum(adapted(params, adapters, x) ** 2)
+
+    np.testing.assert_allclose(adapted(quantized, adapters, x), adapted(dequantized, adapters, x), rtol=1e-6, atol=1e-6)
+    grads, expected = jax.grad(loss)(adapters, quantized), jax.grad(loss)(adapters, dequantized)
+    jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6), grads, expected)
+    merged = dj.merge(quantized, adapters, cfg)  # W' from the dequantized W0; the other kernels stay quantized
+    assert q.is_quantized(merged["attention"]["key"]["kernel"]) and not q.is_quantized(merged["mlp"]["up"]["kernel"])
+    merged = model.apply({"params": q.dequantize_tree(merged)}, x)
+    np.testing.assert_allclose(adapted(quantized, adapters, x), merged, rtol=1e-5, atol=1e-5)
+
+
+def test_the_backward_keeps_the_codes_not_the_dequantized_kernels(quantized_block, capsys):
+    from jax.ad_checkpoint import print_saved_residuals
+
+    model, quantized, _, x = quantized_block
+    cfg = dj.AdapterConfig(rank=4, targets=r".*/(query|value|up)/kernel", input_axes=ATTENTION_AXES)
+    adapters = dj.init_adapters(jax.random.key(2), quantized, cfg)
+    adapted = dj.inject(model.apply, cfg)
+    print_saved_residuals(lambda a: jnp.sum(adapted(quantized, a, x) ** 2), adapters)
+    saved = capsys.readouterr().out.splitlines()
+    kernels = [k for k in jax.tree.leaves(quantized, is_leaf=q.is_quantized) if q.is_quantized(k)]
+    kernel_shapes = {f"f32{list(k.shape)}".replace(" ", "") for k in kernels}
+    # every dequantized kernel is recomputed from its codes in the backward (uint4 codes and scales are saved)
+    assert not [line for line in saved if line.split(" ")[0] in kernel_shapes and "from the argument" not in line]
+    assert any(line.startswith("u4[") for line in saved)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random Llama saved as an HF directory (no PyTorch needed)."""
+    model = models.from_hf_config(dict(TINY_LLAMA, model_type="llama"))
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    io.save_hf(model, models.init_params(model, jax.random.key(0)), directory)
+    return directory
+
+
+def test_load_hf_quantizes_every_linear_kernel_but_the_heads_as_it_reads(tiny_llama_dir):
+    model, plain = io.load_hf(tiny_llama_dir)
+    _, quantized = io.load_hf(tiny_llama_dir, quantize="nf4", quantize_block=16)
+    plain_leaves = targets.leaves_by_path(plain)
+    kinds = {}
+    for path, leaf in targets.leaves_by_path(quantized).items():
+        kinds[path.rpartition("/")[2] if not q.is_quantized(leaf) else "quantized"] = True
+        if models.is_base_kernel(model, path):  # q, k, v, o, gate, up, down of every layer
+            want = q.quantize_kernel(plain_leaves[path], "nf4", 16)
+            jax.tree.map(np.testing.assert_array_equal, leaf, want)
+        else:  # embeddings, norms, the LM head: as loaded
+            np.testing.assert_array_equal(leaf, plain_leaves[path])
+    assert not q.is_quantized(quantized["lm_head"]["kernel"]) and kinds.keys() >= {"quantized", "embedding", "scale"}
+    assert sum(q.is_quantized(leaf) for leaf in targets.leaves_by_path(quantized).values()) == 7 * 2  # 2 layers
+    with pytest.raises(ValueError, match="layers_0/mlp/down_proj/kernel.*multiple of the quantization block size 64"):
+        io.load_hf(tiny_llama_dir, quantize="nf4")  # intermediate size 112
+
+
+def test_a_scanned_quantized_llama_stacks_the_codes_and_adapts_like_the_unrolled_one(tiny_llama_dir):
+    unrolled, params = io.load_hf(tiny_llama_dir, quantize="nf4", quantize_block=16)
+    scanned, stacked = io.load_hf(tiny_llama_dir, quantize="nf4", quantize_block=16, scan_layers=True)
+    jax.tree.map(np.testing.assert_array_equal, models.unstack_layers(stacked), params)
+    assert stacked["layers"]["mlp"]["up_proj"]["kernel"].values.qvalue.shape == (2, 64, 112)
+    cfg = dj.AdapterConfig(rank=4, targets=r".*/(q_proj|v_proj)/kernel")
+    adapters = perturb(dj.init_adapters(jax.random.key(1), params, cfg))
+    ids = jnp.arange(12).reshape(2, 6) % 96
+    out = dj.inject(unrolled.apply, cfg)(params, adapters, ids)
+    scanned_out = dj.inject(scanned.apply, cfg)(stacked, models.stack_layers(adapters), ids)
+    np.testing.assert_allclose(scanned_out, out, rtol=1e-5, atol=1e-5)  # nn.scan slices the codes per layer
+
+
+def test_quantized_kernels_shard_whole_blocks_over_the_input_axis(tiny_llama_dir):
+    model, params = io.load_hf(tiny_llama_dir, quantize="nf4", quantize_block=16)
+    mesh = jax.sharding.AbstractMesh((1, 2, 2), parallel.AXES)  # shapes only: no devices needed
+    shardings = parallel.param_shardings(models.logical_axes(model), params, mesh, parallel.DEFAULT_RULES)
+    up, down = shardings["layers_0"]["mlp"]["up_proj"]["kernel"], shardings["layers_0"]["mlp"]["down_proj"]["kernel"]
+    # up_proj (embed 64, mlp 112): 4 blocks of 16 inputs split over fsdp=2, the output over tensor=2
+    assert tuple(up.values.qvalue.spec) == ("fsdp", "tensor") and tuple(up.values.scale.spec) == ("fsdp", "tensor")
+    # down_proj (mlp 112, embed 64): 7 blocks do not divide over tensor=2, so its inputs stay whole
+    assert tuple(down.values.qvalue.spec) == (None, "fsdp") and tuple(down.values.scale.spec) == (None, "fsdp")
+
+
+def test_a_qdora_run_trains_and_its_merged_export_is_the_adapted_quantized_model(tmp_path, tmp_path_factory):
+    config = small(shared_base_cache(tmp_path_factory), **{"model.quantize": "nf4", "export.merged": True})
+    summary = train.train_and_evaluate(config, tmp_path)
+    assert summary["after"]["loss"] < summary["before"]["loss"]
+    run = runs.load(tmp_path)  # resumes on the quantized base: the config says so
+    assert q.is_quantized(run.frozen["layers_0"]["self_attn"]["o_proj"]["kernel"])
+    model, merged = io.load_hf(tmp_path / "merged")  # every kernel dequantized, the adapters folded in
+    ids = jnp.asarray(data.make_source(run.config).eval_batches()[0]["inputs"][:4])
+    adapted = jax.jit(runs.lm_forward(run.model, run.adapter_cfg))((run.frozen, run.trainable), ids)
+    np.testing.assert_allclose(model.apply({"params": merged}, ids), adapted, rtol=1e-4, atol=1e-4)
+    _, cfg = io.import_peft(tmp_path / "adapter", merged, model=model)  # an ordinary DoRA adapter
+    assert cfg.method == "dora"
+
+
+def test_the_quantized_memory_script_counts_codes_and_scales_exactly():
+    from scripts import quantized_memory
+
+    hf = dict(model_type="llama", vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    result = quantized_memory.figures(hf, "bfloat16")
+    shapes = [(128, 128), (128, 64), (128, 64), (128, 128), (128, 256), (128, 256), (256, 128)] * 2
+    assert result["none"]["kernel_bytes"] == sum(2 * i * o for i, o in shapes)
+    assert result["int8"]["kernel_bytes"] == sum(i * o + 4 * o for i, o in shapes)  # a float32 scale per column
+    assert result["nf4"]["kernel_bytes"] == sum(i * o // 2 + 4 * (i // 64) * o for i, o in shapes)  # per block
+    embeddings_and_head = 2 * 2 * 64 * 128 + 2 * (2 * 2 + 1) * 128  # bfloat16 tables and norm scales
+    assert result["nf4"]["model_bytes"] == result["nf4"]["kernel_bytes"] + embeddings_and_head

@@ -17,6 +17,10 @@ ERRORS = [
     ({"adapter.norm_grad": "none"}, r"AdapterConfig.norm_grad: expected one of 'exact', 'detach'; got 'none'"),
     ({"adapter.fallback": "skip"}, r"AdapterConfig.fallback: expected one of 'merge', 'error'; got 'skip'"),
     ({"adapter.rank": 0}, r"AdapterConfig.rank: expected a positive integer; got 0"),
+    ({"model.quantize": "nf2"}, r"model.quantize / model.quantize_block: quantize: expected one of \('none', 'nf4'"),
+    ({"model.quantize": "nf4", "model.quantize_block": 0}, r"quantize='nf4' needs a block size >= 1 .*; got 0"),
+    ({"model.quantize_block": -2, "model.quantize": "int8"}, r"quantize block size: expected >= 0 .*; got -2"),
+    ({"model.quantize": "int8", "train.finetune": "full"}, r"model.quantize='int8' with train.finetune='full'"),
 ]
 
 

@@ -206,6 +206,8 @@ def test_a_stored_decay_magnitude_flag_reads_as_the_magnitude_decay():
         "train.finetune": "adapter",
         "model.scan_layers": False,  # keys added since: what earlier versions did
         "model.attention": "auto",
+        "model.quantize": "none",
+        "model.quantize_block": -1,
     }
     assert (
         run_config.upgrade({"train.weight_decay": 0.1, "train.decay_magnitude": False})["train.magnitude_weight_decay"]

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dora_jax import targets
-from dora_jax.core import vera
+from dora_jax.core import quantize, vera
 from dora_jax.core.config import AdapterConfig
 from dora_jax.core.dora import Adapter, KernelLayout, column_norm, kernel_layout, merge_kernel
 from dora_jax.errors import ConfigError, ShapeError, TargetError
@@ -81,8 +81,10 @@ def _layout(kernel: jax.Array, cfg: AdapterConfig, path: str) -> KernelLayout:
 
 
 def _magnitude(kernel: jax.Array, layout: KernelLayout, cfg: AdapterConfig) -> jax.Array:
-    """m = ||W0||_c in the adapter dtype, shaped as the kernel's output axes."""
-    return column_norm(layout.to_matrix(kernel)).reshape(layout.out_shape).astype(jnp.dtype(cfg.dtype))
+    """m = ||W0||_c in the adapter dtype, shaped as the kernel's output axes (a quantized W0: of its
+    dequantized values, as PEFT over bitsandbytes layers)."""
+    norms = column_norm(layout.to_matrix(quantize.dequantized(kernel)))
+    return norms.reshape(layout.out_shape).astype(jnp.dtype(cfg.dtype))
 
 
 def _with_magnitude(adapter: Adapter, kernel: jax.Array, layout: KernelLayout, cfg: AdapterConfig) -> Adapter:
@@ -226,6 +228,7 @@ def merge(params: Any, adapters: Any, cfg: AdapterConfig) -> Any:
         path = targets.path_str(keypath)
         if path not in entries:
             return leaf
-        return merge_kernel(leaf, entries[path], cfg, cfg.axes_for(path, tuple(leaf.shape)), projection)
+        kernel = quantize.dequantized(leaf)  # W' of a quantized W0 is built from its dequantized values
+        return merge_kernel(kernel, entries[path], cfg, cfg.axes_for(path, tuple(leaf.shape)), projection)
 
-    return jax.tree_util.tree_map_with_path(replace, params)
+    return jax.tree_util.tree_map_with_path(replace, params, is_leaf=targets.is_parameter_node)

@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from dora_jax import targets
 from dora_jax.core.dora import kernel_layout
 
 SCHEMES = ("none", "nf4", "int8")
 NF4_BLOCK = 64  # bitsandbytes' default blocksize for 4-bit weights
+# Each scheme's block size when none is given: bitsandbytes' (NF4 blocks of 64; LLM.int8 one scale per row,
+# i.e. per output column of a Flax kernel).
+DEFAULT_BLOCKS = {"nf4": NF4_BLOCK, "int8": 0}
 _INT8_BOUND = 127.5 / 127.0  # qwix's int8 bound is 127.5: an absmax factor gives bitsandbytes' 127
 
 
@@ -30,16 +36,18 @@ def _qwix():
     return qwix
 
 
+@targets.register_parameter_node
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantizedKernel:
     """A kernel stored quantized: ``values`` (a ``qwix.QArray`` of its (d_in, d_out) matrix view:
-    codes and one scale per block) and, static, the kernel's ``shape``, the ``input_axes`` the matrix
-    view contracts, the ``scheme`` and ``block_size``. Leading axes added to every leaf (a stack of
-    layers) slice like any pytree's."""
+    codes and one scale per block) and, static, the kernel's ``shape`` and ``dtype`` (what it
+    dequantizes to), the ``input_axes`` the matrix view contracts, the ``scheme`` and ``block_size``.
+    Leading axes added to every leaf (a stack of layers) slice like any pytree's."""
 
     values: Any
     shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    dtype: str = dataclasses.field(metadata=dict(static=True))
     input_axes: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     scheme: str = dataclasses.field(metadata=dict(static=True))
     block_size: int = dataclasses.field(metadata=dict(static=True))
@@ -60,10 +68,18 @@ def is_quantized(leaf: Any) -> bool:
     return isinstance(leaf, QuantizedKernel)
 
 
-def check_scheme(scheme: str, block_size: int) -> None:
-    """A clear error for an unknown scheme or a block size the scheme cannot use."""
+def block_for(scheme: str, block_size: int | None) -> int:
+    """``block_size``, or the scheme's default (``DEFAULT_BLOCKS``) for None; checked (``check_scheme``)."""
+    check_scheme(scheme, block_size)
+    return DEFAULT_BLOCKS.get(scheme, 0) if block_size is None else block_size
+
+
+def check_scheme(scheme: str, block_size: int | None = None) -> None:
+    """A clear error for an unknown scheme or a block size the scheme cannot use (None: its default)."""
     if scheme not in SCHEMES:
         raise ValueError(f"quantize: expected one of {SCHEMES}; got {scheme!r}")
+    if block_size is None:
+        return
     if scheme == "nf4" and block_size < 1:
         raise ValueError(f"quantize='nf4' needs a block size >= 1 (bitsandbytes uses {NF4_BLOCK}); got {block_size}")
     if block_size < 0:
@@ -73,13 +89,14 @@ def check_scheme(scheme: str, block_size: int) -> None:
 def quantize_kernel(
     kernel: jax.Array,
     scheme: str,
-    block_size: int = NF4_BLOCK,
+    block_size: int | None = None,
     input_axes: tuple[int, ...] = (0,),
     path: str = "kernel",
 ) -> QuantizedKernel:
     """``kernel`` quantized with ``scheme`` ("nf4" or "int8"); ``block_size`` inputs share a scale
-    (int8: 0 = one scale per output column). d_in must be a multiple of the block size."""
-    check_scheme(scheme, block_size)
+    (int8: 0 = one scale per output column; None: the scheme's default, bitsandbytes'). d_in must be a
+    multiple of the block size."""
+    block_size = block_for(scheme, block_size)
     if scheme == "none":
         raise ValueError("quantize_kernel: scheme 'none' keeps the kernel as it is; do not call it")
     layout = kernel_layout(tuple(kernel.shape), input_axes)
@@ -89,7 +106,8 @@ def quantize_kernel(
             "(a block runs along the inputs of one output column)"
         )
     values = _quantize_matrix(layout.to_matrix(kernel), scheme, block_size)
-    return QuantizedKernel(values, tuple(kernel.shape), layout.input_axes, scheme, block_size)
+    dtype = jnp.dtype(kernel.dtype).name
+    return QuantizedKernel(values, tuple(kernel.shape), dtype, layout.input_axes, scheme, block_size)
 
 
 @functools.partial(jax.jit, static_argnames=("scheme", "block_size"))
@@ -105,17 +123,45 @@ def _quantize_matrix(matrix: jax.Array, scheme: str, block_size: int) -> Any:
     )
 
 
-def dequantize(kernel: QuantizedKernel, dtype: Any = jnp.float32) -> jax.Array:
-    """The kernel in its own shape and ``dtype``: each code times its block's scale (in float32)."""
+def dequantize(kernel: QuantizedKernel, dtype: Any = None) -> jax.Array:
+    """The kernel in its own shape, in ``dtype`` (default: the dtype it was quantized from): each code
+    times its block's scale, in float32."""
     matrix = _qwix().dequantize(kernel.values)
     layout = kernel_layout(kernel.shape, kernel.input_axes)
-    return layout.from_matrix(matrix).astype(dtype)
+    return layout.from_matrix(matrix).astype(dtype or kernel.dtype)
 
 
 def dequantize_tree(tree: Any, dtype: Any = None) -> Any:
-    """``tree`` with every quantized kernel dequantized (to ``dtype``, float32 by default)."""
-    return jax.tree.map(
-        lambda leaf: dequantize(leaf, dtype or jnp.float32) if is_quantized(leaf) else leaf,
-        tree,
-        is_leaf=is_quantized,
-    )
+    """``tree`` with every quantized kernel dequantized (to ``dtype``, default each kernel's own)."""
+    return jax.tree.map(lambda leaf: dequantized(leaf, dtype), tree, is_leaf=is_quantized)
+
+
+def dequantized(leaf: Any, dtype: Any = None) -> Any:
+    """``leaf`` dequantized (to ``dtype``, default its own) if it is a quantized kernel, else ``leaf``."""
+    return dequantize(leaf, dtype) if is_quantized(leaf) else leaf
+
+
+def quantize_params(
+    params: Any,
+    scheme: str,
+    block_size: int | None = None,
+    kernels: str = r".*kernel",
+    input_axes: Mapping[str, tuple[int, ...]] | None = None,
+) -> Any:
+    """``params`` with every leaf whose '/'-joined path fully matches ``kernels`` quantized, its input
+    axes from the first ``input_axes`` pattern (path regex -> axes) that matches, else (0,).
+    ``scheme="none"`` returns ``params`` unchanged; ``block_size`` None: the scheme's default."""
+    block_size = block_for(scheme, block_size)
+    if scheme == "none":
+        return params
+    rules = [(re.compile(pattern), axes) for pattern, axes in (input_axes or {}).items()]
+    wanted = re.compile(kernels)
+
+    def one(keypath: Any, leaf: Any) -> Any:
+        path = targets.path_str(keypath)
+        if is_quantized(leaf) or not wanted.fullmatch(path):
+            return leaf
+        axes = next((axes for regex, axes in rules if regex.fullmatch(path)), (0,))
+        return quantize_kernel(leaf, scheme, block_size, axes, path)
+
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_quantized)

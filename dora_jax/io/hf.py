@@ -23,6 +23,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from dora_jax import models, targets
+from dora_jax.core import quantize as core_quantize
 from dora_jax.errors import ConfigError, ShapeError
 from dora_jax.io.safetensors_dir import INDEX, CheckpointError, SafetensorsDirectory
 
@@ -83,6 +84,8 @@ def load_hf(
     remat: str = "none",
     scan_layers: bool = False,
     attention: str = "auto",
+    quantize: str = "none",
+    quantize_block: int | None = None,
 ) -> tuple[Any, Any]:
     """(Flax module, params) of a local HF directory of a Llama- or BERT-family model.
 
@@ -92,8 +95,13 @@ def load_hf(
     head (or pooler) the checkpoint lacks is initialised as HF does (normal(0.02), zero bias).
     ``remat`` recomputes Llama layers in the backward pass (``models.llama.REMAT``); ``scan_layers``
     builds them as one ``nn.scan`` and returns their params stacked (read layer by layer, then stacked);
-    ``attention`` picks the attention implementation (``models.layers.ATTENTIONS``).
+    ``attention`` picks the attention implementation (``models.layers.ATTENTIONS``). ``quantize``
+    ("nf4" or "int8", ``core.quantize``; ``quantize_block`` inputs per scale, 0: one per output column,
+    int8 only; None: bitsandbytes' default, 64 for NF4, per column for int8) stores every linear kernel
+    but the head's quantized, each as it is read, so that the checkpoint is never held at full
+    precision as a whole.
     """
+    quantize_block = core_quantize.block_for(quantize, quantize_block)
     hf_dir = pathlib.Path(hf_dir)
     config = read_config(hf_dir)
     if num_labels:
@@ -114,14 +122,22 @@ def load_hf(
     model_type = config.get("model_type", "")
     used: set[str] = set()
 
-    def load(keypath: Any, abstract: jax.ShapeDtypeStruct) -> jax.Array:
+    def load(keypath: Any, abstract: jax.ShapeDtypeStruct) -> Any:
         path = targets.path_str(keypath)
         before, _, rest = path.partition(f"{models.LAYERS}/")
         if models.scans_layers(model) and not before and rest:  # layer by layer on the host, one transfer
             layer = jax.ShapeDtypeStruct(abstract.shape[1:], abstract.dtype)
-            slices = [read(f"{models.LAYERS}_{i}/{rest}", layer) for i in range(abstract.shape[0])]
-            return jnp.asarray(np.stack(slices), dtype)
-        return jnp.asarray(read(path, abstract), dtype)
+            paths = [f"{models.LAYERS}_{i}/{rest}" for i in range(abstract.shape[0])]
+            if quantize != "none" and models.is_base_kernel(model, paths[0]):
+                return jax.tree.map(lambda *codes: jnp.stack(codes), *[converted(p, layer) for p in paths])
+            return jnp.asarray(np.stack([read(p, layer) for p in paths]), dtype)
+        return converted(path, abstract)
+
+    def converted(path: str, abstract: jax.ShapeDtypeStruct) -> Any:
+        array = jnp.asarray(read(path, abstract), dtype)
+        if quantize == "none" or not models.is_base_kernel(model, path):
+            return array
+        return core_quantize.quantize_kernel(array, quantize, quantize_block, path=path)
 
     def read(path: str, abstract: jax.ShapeDtypeStruct) -> Any:
         name, transposed = models.hf_tensor(path, table)
@@ -153,6 +169,15 @@ def load_hf(
     if unused:
         log.warning("%s: %d tensors not used by %s: %s", hf_dir, len(unused), type(model).__name__, unused[:20])
     return model, params
+
+
+def quantize_base(model: Any, params: Any, scheme: str, block_size: int | None = None) -> Any:
+    """``params`` of a zoo ``model`` (arrays or shapes) with the kernels ``load_hf(quantize=scheme)``
+    quantizes quantized (``core.quantize``; ``block_size`` None: the scheme's default), layer by layer and
+    stacked again for a scanning model; ``scheme="none"`` returns them unchanged."""
+    kernels = models.family(model).base_kernels
+    quantized = core_quantize.quantize_params(models.unrolled(model, params), scheme, block_size, kernels)
+    return models.in_layout(model, quantized)
 
 
 def _write_shards(tensors: list[tuple[str, np.ndarray]], out: pathlib.Path, max_shard_bytes: int) -> None:

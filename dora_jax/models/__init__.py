@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -112,6 +113,12 @@ def logical_axes(model: nn.Module) -> Any:
     return nn.get_partition_spec(boxed_shapes(model))
 
 
+def is_base_kernel(model: nn.Module, path: str) -> bool:
+    """Whether the unrolled params leaf ``path`` is one of the kernels a quantized base stores quantized
+    (every linear kernel but the head's: ``Family.base_kernels``)."""
+    return re.fullmatch(family(model).base_kernels, path) is not None
+
+
 def init_params(model: nn.Module, rng: jax.Array) -> Any:
     """Randomly initialised (unboxed) params of a zoo model; a scanning model gets the unrolled
     model's, stacked, so that the layout does not change the weights a seed gives."""
@@ -139,6 +146,7 @@ __all__ = [
     "hf_tensor",
     "in_layout",
     "init_params",
+    "is_base_kernel",
     "logical_axes",
     "scans_layers",
     "stack_layers",

@@ -33,6 +33,8 @@ class Family:
       head: the top-level params key of a new head trained in full with the adapters (PEFT's
         ``modules_to_save``), or None.
       generates: whether it decodes with a key/value cache (greedy and beam search).
+      base_kernels: regex of the unrolled params' linear kernels a quantized base stores quantized
+        (every one but the head's; embeddings and norms are not kernels).
     """
 
     hf_table: Table
@@ -42,6 +44,7 @@ class Family:
     inputs: tuple[str, ...] = ()
     head: str | None = None
     generates: bool = False
+    base_kernels: str = r".*/kernel"
 
 
 FAMILIES: dict[type, Family] = {
@@ -51,12 +54,14 @@ FAMILIES: dict[type, Family] = {
         peft_task_type="CAUSAL_LM",
         output="logits",
         generates=True,
+        base_kernels=r"layers_\d+/.*/kernel",  # not lm_head
     ),
     BertModel: Family(
         hf_table=bert.hf_modules(classifier=False),
         architecture=lambda config: "RobertaModel" if config.model_type == "roberta" else "BertModel",
         peft_task_type="FEATURE_EXTRACTION",
         output="hidden",
+        base_kernels=r"(encoder|pooler)/.*/kernel",
     ),
     BertForSequenceClassification: Family(
         hf_table=bert.hf_modules(classifier=True),
@@ -65,6 +70,7 @@ FAMILIES: dict[type, Family] = {
         output="labels",
         inputs=("attention_mask", "token_type_ids"),
         head="classifier",
+        base_kernels=r"bert/(encoder|pooler)/.*/kernel",  # not the classifier
     ),
 }
 
