@@ -14,6 +14,10 @@ DenseGeneral with ``batch_dims``, a grouped convolution, an input-axes rule the 
 contract), or that one of its calls cannot route, is merged into the params instead, so the result
 is the same either way; ``fallback="error"`` turns that into an InjectError.
 
+A layer whose kernel is stored quantized (``core.quantize.QuantizedKernel``, targeted or not) dequantizes
+it inside its own call, under a remat that saves only matmul outputs: the backward dequantizes again from
+the codes instead of keeping every layer's full-precision kernel alive.
+
 Each layer reads its adapter from the ``adapters`` variable collection at its own scope, and its
 dropout key from the ``adapter_dropout`` PRNG stream, both passed to ``apply_fn``: a lifted transform
 over layers that maps every collection (``nn.scan`` with ``variable_axes={True: 0}``, as the zoo's
@@ -270,6 +274,9 @@ class _Router:
         handler = methods.get(context.method_name)
         if path not in self.paths:  # a frozen quantized kernel: the layer's own forward, dequantized inside it
             return self._plain(module, context.method_name, handler, path, kernel, args, kwargs)
+        if handler is None:
+            self.refused[path] = f"its {type(module).__name__}.{context.method_name} reads it unrouted"
+            return next_fun(*args, **kwargs)
         if not module.has_variable(ADAPTERS, leaf):
             self.refused[path] = (
                 f"its layer runs inside a lifted transform (nn.scan, nn.vmap, ...) that does not pass the "

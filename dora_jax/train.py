@@ -28,6 +28,7 @@ import optax
 from dora_jax import base_model, metrics_writer, models, optim, parallel, run_config, runs, workdir_lock
 from dora_jax import data as data_lib
 from dora_jax import metrics as metrics_lib
+from dora_jax.core import quantize
 from dora_jax.errors import ConfigError, DivergenceError, DoraError
 from dora_jax.io import checkpoints as io_checkpoints
 from dora_jax.io.checkpoints import Checkpoints
@@ -59,7 +60,8 @@ def _global_batch(rows: dict[str, np.ndarray], sharding: Any, global_rows: int) 
 
 
 def count_params(tree: Any) -> int:
-    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+    """Parameters in ``tree``; a quantized kernel counts as its weights (not its codes and scales)."""
+    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree, is_leaf=quantize.is_quantized)))
 
 
 @dataclasses.dataclass

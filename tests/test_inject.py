@@ -113,6 +113,32 @@ def test_dense_with_custom_dot_general_falls_back_to_merge():
     np.testing.assert_allclose(injected, merged, rtol=1e-5, atol=1e-6)
 
 
+class TiedDense(nn.Module):
+    """A Dense layer whose kernel a second method of the layer reads too (as a tied output projection)."""
+
+    @nn.compact
+    def __call__(self, x):
+        dense = ReadsKernel(6, name="proj")
+        return dense.untied(dense(x))
+
+
+class ReadsKernel(nn.Dense):
+    def untied(self, y):
+        return y @ self.variables["params"]["kernel"].T
+
+
+def test_a_kernel_another_method_of_its_layer_reads_is_merged_with_the_reason():
+    model = TiedDense()
+    x = jax.random.normal(jax.random.key(1), (3, 10))
+    params = model.init(jax.random.key(0), x)["params"]
+    cfg = AdapterConfig(rank=2, targets="proj/kernel")
+    adapters = dj.init_adapters(jax.random.key(1), params, cfg)
+    reasons = dj.merged_targets(model.apply, cfg, params, adapters, x)
+    assert reasons == {"proj/kernel": "its ReadsKernel.untied reads it unrouted"}
+    injected, merged = adapted_and_merged(model, params, x, cfg)  # W' in both of its reads
+    np.testing.assert_allclose(injected, merged, rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_fallback_is_rejected():
     with pytest.raises(dj.ConfigError, match=r"inject fallback: expected one of \('merge', 'error'\); got 'skip'"):
         dj.inject(nn.Dense(2).apply, AdapterConfig(targets="kernel"), fallback="skip")

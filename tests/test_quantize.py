@@ -299,3 +299,15 @@ def test_the_quantized_memory_script_counts_codes_and_scales_exactly():
     assert result["nf4"]["kernel_bytes"] == sum(i * o // 2 + 4 * (i // 64) * o for i, o in shapes)  # per block
     embeddings_and_head = 2 * 2 * 64 * 128 + 2 * (2 * 2 + 1) * 128  # bfloat16 tables and norm scales
     assert result["nf4"]["model_bytes"] == result["nf4"]["kernel_bytes"] + embeddings_and_head
+
+
+def test_the_loader_measurement_loads_each_scheme_in_a_fresh_process(tmp_path):
+    from scripts import quantized_memory
+
+    hf = dict(model_type="llama", vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    rows = {r["scheme"]: r for r in quantized_memory.loader_figures(tmp_path, hf)}
+    assert list(rows) == ["none", "int8", "nf4"]
+    assert rows["nf4"]["params_bytes"] < rows["int8"]["params_bytes"] < rows["none"]["params_bytes"]
+    assert all(r["peak_rss_bytes"] >= r["start_rss_bytes"] > 0 for r in rows.values())
+    assert rows["none"]["checkpoint_bytes"] > rows["none"]["params_bytes"] - 4096  # float32 on disk, as loaded

@@ -161,7 +161,7 @@ def load_hf(
                 f"{hf_dir}: tensor {found!r} has shape {tensors.shape(found)}, but config.json implies {expected} "
                 f"(Flax leaf {path!r} of shape {tuple(abstract.shape)})"
             )
-        array = tensors.get(found)
+        array = tensors.read(found)
         return array.T if transposed else array
 
     params = jax.tree_util.tree_map_with_path(load, models.abstract_params(model))

@@ -111,6 +111,15 @@ class SafetensorsDirectory:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name].shape
 
+    def read(self, name: str) -> np.ndarray:
+        """One tensor read from its file into a new array: no mapping of the file stays behind, so that a
+        loader reading tensor by tensor holds one at a time (a mapped file's read pages stay resident)."""
+        entry = self.entries[name]
+        with open(entry.file, "rb") as f:
+            f.seek(entry.start)
+            raw = np.fromfile(f, dtype=np.uint8, count=entry.end - entry.start)
+        return raw.view(DTYPES[entry.dtype]).reshape(entry.shape)
+
     def get(self, name: str) -> np.ndarray:
         """A read-only view of one tensor (copy it to keep it beyond this object)."""
         entry = self.entries[name]
