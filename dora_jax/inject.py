@@ -287,15 +287,10 @@ class _Router:
         check_adapter(path, kernel, adapter, self.cfg)
         if "lambda_d" in adapter:
             check_projection(path, kernel, self.projection, self.cfg)
-        bias = module.get_variable("params", "bias") if getattr(module, "use_bias", False) else None
         axes = self.cfg.axes_for(path, tuple(kernel.shape))
         matrices = kernel_layout(kernel.shape, axes).adapter_matrices(adapter, self.projection)
         rng = module.make_rng(DROPOUT_RNG) if self.dropout else None
-        self.busy = True
-        try:
-            out = _call(handler, module, args, kwargs, kernel, bias, axes, _Adapted(matrices, self.cfg, rng))
-        finally:
-            self.busy = False
+        out = self._handle(handler, module, args, kwargs, kernel, axes, _Adapted(matrices, self.cfg, rng))
         if isinstance(out, str):
             self.refused[path] = out
             return next_fun(*args, **kwargs)
@@ -303,18 +298,22 @@ class _Router:
         return out
 
     def _plain(self, module, method, handler, path, kernel, args, kwargs):
-        refusal = None if handler is not None else f"its {type(module).__name__}.{method} has no dequantizing forward"
-        if handler is not None:
-            bias = module.get_variable("params", "bias") if getattr(module, "use_bias", False) else None
-            self.busy = True
-            try:
-                out = _call(handler, module, args, kwargs, kernel, bias, kernel.input_axes, _Plain())
-            finally:
-                self.busy = False
-            refusal = out if isinstance(out, str) else None
-        if refusal is not None:
-            raise InjectError(f"{path!r} is quantized, but {refusal}: keep this layer's kernel unquantized")
+        if handler is None:
+            out = f"its {type(module).__name__}.{method} has no dequantizing forward"
+        else:
+            out = self._handle(handler, module, args, kwargs, kernel, kernel.input_axes, _Plain())
+        if isinstance(out, str):
+            raise InjectError(f"{path!r} is quantized, but {out}: keep this layer's kernel unquantized")
         return out
+
+    def _handle(self, handler, module, args, kwargs, kernel, axes, layer):
+        """``handler`` on the layer's kernel and bias (``_call``), its own layer calls not intercepted."""
+        bias = module.get_variable("params", "bias") if getattr(module, "use_bias", False) else None
+        self.busy = True
+        try:
+            return _call(handler, module, args, kwargs, kernel, bias, axes, layer)
+        finally:
+            self.busy = False
 
 
 NOT_READ = "no nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Embed or nn.Conv call reads it (a custom layer?)"
