@@ -15,8 +15,9 @@ contract), or that one of its calls cannot route, is merged into the params inst
 is the same either way; ``fallback="error"`` turns that into an InjectError.
 
 A layer whose kernel is stored quantized (``core.quantize.QuantizedKernel``, targeted or not) dequantizes
-it inside its own call, under a remat that saves only matmul outputs: the backward dequantizes again from
-the codes instead of keeping every layer's full-precision kernel alive.
+it inside its own call, under a remat that saves only the activations the layer's backward reads
+(``core.dora.SAVED_ACTIVATIONS``): the backward dequantizes again from the codes instead of keeping every
+layer's full-precision kernel alive, and keeps what the full-precision layer keeps.
 
 Each layer reads its adapter from the ``adapters`` variable collection at its own scope, and its
 dropout key from the ``adapter_dropout`` PRNG stream, both passed to ``apply_fn``: a lifted transform
@@ -54,7 +55,7 @@ from dora_jax.core import (
     vera,
 )
 from dora_jax.core.config import FALLBACKS
-from dora_jax.core.dora import Adapter
+from dora_jax.core.dora import Adapter, saved_activations
 from dora_jax.errors import ConfigError, InjectError, TargetError
 
 ADAPTERS = "adapters"  # the variable collection the adapted apply passes the adapters in, per layer scope
@@ -228,8 +229,8 @@ class _Plain:
 
 def _call(handler, module, args, kwargs, kernel, bias, axes, layer):
     """``handler``'s output (or its refusal); a quantized kernel is dequantized inside the layer, under a
-    remat that saves matmul outputs only, so that the backward dequantizes it again rather than keeping
-    the full-precision kernel of every layer alive (the codes are what is saved)."""
+    remat that saves the layer's named activations only (a frozen layer's: none), so that the backward
+    dequantizes it again rather than keeping the full-precision kernel of every layer alive."""
     if not quantize.is_quantized(kernel):
         return handler(module, args, kwargs, kernel, bias, axes, layer)
     refusal: list[str] = []
@@ -241,7 +242,7 @@ def _call(handler, module, args, kwargs, kernel, bias, axes, layer):
             return jnp.zeros(())
         return out
 
-    out = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_saveable)(kernel)
+    out = jax.checkpoint(body, policy=saved_activations())(kernel)
     return refusal[0] if refusal else out
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 
 from dora_jax.core.config import AdapterConfig
 from dora_jax.core.dora import Adapter, column_scale, low_rank_dropout
@@ -47,8 +48,8 @@ def factored_conv(
         a, b = adapter["a"], adapter["b"]
         branch = low_rank_dropout(x, cfg.dropout, dropout_rng)
         hidden = conv(branch, a.reshape(w0.shape[:-1] + (a.shape[-1],)).astype(z.dtype))
-        z = z + hidden @ (cfg.scale * b).astype(z.dtype)
+        z = z + checkpoint_name(hidden, "low_rank_hidden") @ (cfg.scale * b).astype(z.dtype)
     scale = column_scale(w0.reshape(-1, w0.shape[-1]), adapter, cfg)
     if scale is not None:
-        z = z * scale.astype(z.dtype)
+        z = checkpoint_name(z, "unscaled_output") * scale.astype(z.dtype)
     return z if bias is None else z + bias.astype(z.dtype)

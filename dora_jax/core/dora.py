@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from dora_jax.core import vera
 from dora_jax.core.config import AdapterConfig
@@ -27,6 +28,16 @@ Adapter = dict[str, jax.Array]
 
 NORM_EPS = 1e-12  # inside the square root of every column norm; see the module docstring.
 _EXACT = lax.Precision.HIGHEST  # the small norm matmuls must not drop to bf16 passes on TPU
+# The activations an adapted layer's backward reads, named (``checkpoint_name``) where they are made:
+# ``x A``, the output before the magnitude scale and the column norm. A remat that saves only these
+# (``saved_activations``) recomputes nothing in the backward but what the weights give (``inject``'s
+# dequantized kernels), and keeps one output-sized array per layer, as the plain layer does.
+SAVED_ACTIVATIONS = ("low_rank_hidden", "unscaled_output", "column_norm")
+
+
+def saved_activations():
+    """The ``jax.checkpoint`` policy that keeps ``SAVED_ACTIVATIONS`` and nothing else."""
+    return jax.checkpoint_policies.save_only_these_names(*SAVED_ACTIVATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,13 +269,14 @@ def _factored(x, branch, w0, a, b, m, scale, mode, precision):
 
 
 def _factored_forward(x, branch, w0, a, b, m, scale, mode, precision):
-    hidden = jnp.matmul(branch, a.astype(x.dtype), precision=precision)
+    hidden = checkpoint_name(jnp.matmul(branch, a.astype(x.dtype), precision=precision), "low_rank_hidden")
     z = jnp.matmul(x, w0.astype(x.dtype), precision=precision) + jnp.matmul(
         hidden, _scaled(b, scale).astype(x.dtype), precision=precision
     )
     if mode == "lora":
         return z, (x, branch, w0, a, b, m, hidden, None, None)
-    norm = factored_column_norm(w0, a, b, scale)
+    z = checkpoint_name(z, "unscaled_output")
+    norm = checkpoint_name(factored_column_norm(w0, a, b, scale), "column_norm")
     # z (not y) is kept: dm needs sum(g * z), which y = z m/n cannot give back where m is 0.
     return z * (m.astype(norm.dtype) / norm).astype(x.dtype), (x, branch, w0, a, b, m, hidden, z, norm)
 
@@ -352,6 +364,7 @@ def _folded_forward(x, w0, a, b, m, scale, mode, precision):
     z = jnp.matmul(x, w.astype(x.dtype), precision=precision)
     if column_scale is None:
         return z, (x, w0, a, b, m, None)
+    z = checkpoint_name(z, "unscaled_output")
     # z (not y) is kept: dm needs sum(g * z), which y = z m/n cannot give back where m is 0.
     return z * column_scale.astype(x.dtype), (x, w0, a, b, m, z)
 
@@ -416,7 +429,7 @@ def _magnitude_matmul(x, w0, m, mode, precision):
 
 
 def _magnitude_forward(x, w0, m, mode, precision):
-    z = jnp.matmul(x, w0.astype(x.dtype), precision=precision)
+    z = checkpoint_name(jnp.matmul(x, w0.astype(x.dtype), precision=precision), "unscaled_output")
     norm = column_norm(w0)
     return z * (m.astype(norm.dtype) / norm).astype(x.dtype), (x, w0, m, z)
 
