@@ -28,10 +28,13 @@ calls) per second over that peak.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 
@@ -212,15 +215,19 @@ def variant_step(model, params, name, method, norm_grad, path, rank, placement="
     return step_for, optim.init_state(tx, trainable), frozen
 
 
-def model_gflop(step, args_) -> float:
+def model_gflop(step, args_) -> float | None:
     """The step's FLOPs as written: XLA's count of the lowered (not yet optimized) HLO, every matmul
     once (the benchmark's steps have no remat; counted with XLA's attention, not the recomputing
     kernel) and nothing hidden in library calls, which a GPU's compiled count omits (cuBLAS matmuls,
-    cuDNN attention). MFU's numerator."""
-    return step.lower(*args_).cost_analysis()["flops"] / 1e9
+    cuDNN attention). MFU's numerator. None where the backend has no cost analysis of lowered HLO
+    (a GPU under JAX 0.11): the same step lowered on a CPU gives the count (docs/performance.md)."""
+    cost = step.lower(*args_).cost_analysis()
+    return None if cost is None else cost["flops"] / 1e9
 
 
 def compiled_figures(step, args_) -> dict:
+    """The compiled step's FLOPs and peak memory. The jitted step's first call finds this compilation in
+    the persistent compilation cache (``main`` sets one up) rather than compiling it again."""
     compiled = step.lower(*args_).compile()
     cost = compiled_cost(compiled)
     memory = compiled.memory_analysis()
@@ -270,9 +277,11 @@ def benchmark_model(name: str, hf_config: dict, args) -> list[dict]:
             step_for, state, frozen = built
             state = jax.device_put(state, replicated)
             step, step_args = step_for(model), (state, frozen, batch, jax.random.key(0))
+            started = time.perf_counter()
             figures = compiled_figures(step, step_args)
             if peak:  # MFU: the model's FLOPs, counted on the step with XLA's attention (no cuDNN call)
                 figures["model_gflop"] = model_gflop(step_for(flops_model), step_args)
+            print(f"{name} {key}: compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
             run = {"step": step, "state": state, "frozen": frozen, "figures": figures, "times": []}
             run["advance"] = lambda run=run: _advance(run, batch)
             runs[key] = run
@@ -431,7 +440,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compilation_cache() -> None:
+    """A persistent compilation cache for this process, unless one is configured: each step is compiled
+    for its figures (``compiled_figures``), and the jitted step's first call then reads it from there."""
+    if jax.config.jax_compilation_cache_dir is None:
+        directory = tempfile.mkdtemp(prefix="dora_jax_benchmark_xla_cache_")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
 def main(args) -> list[dict]:
+    compilation_cache()
     rows = []
     for name, hf_config in model_shapes(args).items():
         rows += benchmark_model(name, hf_config, args)

@@ -2,7 +2,7 @@
 
     python -m scripts.memory_plan --config=configs/commonsense.py:llama7b_dora_r32 \\
         --config.model.hf_dir=configs/hf/llama-7b --devices=8 --device_memory=80GiB
-    python -m scripts.memory_plan --config=configs/default.py --json
+    python -m scripts.memory_plan --config=configs/default.py --json --markdown=plans.md
 
 It builds the train step ``dora_jax.train`` would run for the config (the same model, adapters,
 optimizer, shardings, remat and batch) on ``jax.ShapeDtypeStruct`` parameters: the base model's
@@ -12,9 +12,10 @@ for the config's mesh over ``--devices`` (forced host devices on CPU; the mesh's
 is left) and prints, per device, XLA's ``memory_analysis()`` (arguments: parameters, adapters,
 optimizer state and the batch; outputs; temporaries; the donated state aliased) and the compiled
 FLOPs per step (``cost_analysis()``, one device's program). ``peak_bytes`` = arguments + outputs +
-temporaries - aliased; with ``--device_memory`` it says whether that fits. XLA:CPU's buffer
-assignment is not a GPU's or TPU's: the figures are the CPU compiler's, the argument bytes exact
-on any backend.
+temporaries - aliased; with ``--device_memory`` it says whether that fits; ``--markdown=FILE`` appends
+the plan as a row to a table (the header when FILE is new or empty). XLA:CPU's buffer
+assignment is not a GPU's or TPU's: on CPU the figures are the CPU compiler's (the argument bytes exact
+on any backend); on a GPU they are the GPU compiler's.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ if __name__ == "__main__":
 
 import functools  # noqa: E402
 import json  # noqa: E402
+import pathlib  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
@@ -111,9 +113,13 @@ def plan(config: ml_collections.ConfigDict) -> dict[str, Any]:
     compiled = step.lower(*arguments).compile()
     memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
     out = {
+        "platform": jax.devices()[0].platform,
         "devices": run.mesh.size,
         "mesh": dict(run.mesh.shape),
         "method": run_config.method_name(config),
+        "quantize": config.model.quantize,
+        "remat": config.model.remat,
+        "scan_layers": config.model.scan_layers,
         "batch": [config.train.batch_size, length],
         "argument_bytes": memory.argument_size_in_bytes,
         "output_bytes": memory.output_size_in_bytes,
@@ -146,6 +152,22 @@ def report(figures: dict[str, Any], device_memory: int | None) -> str:
     return "\n".join(lines)
 
 
+MARKDOWN_HEADER = (
+    "| platform | devices | method | quantize | remat | scanned | batch | arguments | temporaries | peak |\n"
+    "|---|---:|---|---|---|---|---|---:|---:|---:|\n"
+)
+
+
+def markdown_row(figures: dict[str, Any]) -> str:
+    """One row of the plans table (``MARKDOWN_HEADER``), sizes in GiB."""
+    batch = "{} x {}".format(*figures["batch"])
+    sizes = " | ".join(f"{figures[key] / 2**30:.2f}" for key in ("argument_bytes", "temp_bytes", "peak_bytes"))
+    return (
+        f"| {figures['platform']} | {figures['devices']} | {figures['method']} | {figures['quantize']} | "
+        f"{figures['remat']} | {'yes' if figures['scan_layers'] else 'no'} | {batch} | {sizes} |\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     from absl import app, flags
     from absl import logging as absl_logging
@@ -155,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     flags.DEFINE_integer("devices", 1, "devices to plan for (forced host devices on CPU)")
     memory_flag = flags.DEFINE_string("device_memory", None, "memory of one device, e.g. 80GiB: says whether it fits")
     json_flag = flags.DEFINE_bool("json", False, "print the figures as one JSON object")
+    markdown_flag = flags.DEFINE_string("markdown", None, "also append the plan as a row to this markdown table")
 
     def parse(args):
         return run_config.parse_flags(flags.FLAGS, args, "scripts.memory_plan")
@@ -175,6 +198,10 @@ def main(argv: list[str] | None = None) -> None:
         if device_memory is not None:
             figures["fits"] = figures["peak_bytes"] <= device_memory
         print(json.dumps(figures) if json_flag.value else report(figures, device_memory), flush=True)
+        if markdown_flag.value:
+            table = pathlib.Path(markdown_flag.value)
+            with table.open("a") as f:
+                f.write(("" if table.exists() and table.stat().st_size else MARKDOWN_HEADER) + markdown_row(figures))
 
     app.run(run, argv=argv, flags_parser=parse)
 

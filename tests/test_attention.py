@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dora_jax.errors import ConfigError
-from dora_jax.models.layers import attention_bias, dot_product_attention, resolve_attention
+from dora_jax.models.layers import attention_bias, dot_product_attention, even_lengths, resolve_attention
 from scripts.attention_cost import main as attention_cost
 from scripts.attention_cost import residuals
 from scripts.attention_cost import textbook_attention as reference_attention
@@ -151,6 +151,26 @@ def test_xla_implementation_averages_a_query_with_no_allowed_key_as_ours_does():
     np.testing.assert_allclose(
         dot_product_attention(q, k, v, allowed, "xla"), dot_product_attention(q, k, v, allowed), atol=1e-5
     )
+
+
+@pytest.mark.parametrize("key_len", [QUERY, QUERY + 5], ids=["odd_odd", "odd_even"])
+def test_padding_odd_lengths_for_cudnn_keeps_the_values_and_gradients(key_len):
+    # cuDNN's masked training kernels take even lengths: its path pads one position (even_lengths), the
+    # padded query's output dropped; here through XLA's implementation, which takes the same arguments
+    q, k, v = operands(4, 2, jnp.float32, key_len=key_len)
+    padding = jnp.ones((BATCH, key_len)).at[1, 6:].set(0)
+    allowed = attention_bias(QUERY, key_len, padding, causal=True, query_offset=key_len - QUERY)
+
+    def padded(q, k, v, allowed):
+        *operands, mask = even_lengths(q, k, v, allowed)
+        return jax.nn.dot_product_attention(*operands, mask=mask)[:, :QUERY]
+
+    assert all(x.shape[1] % 2 == 0 for x in even_lengths(q, k, v, allowed)[:3])
+    xla = value_and_grads(lambda *a: dot_product_attention(*a, implementation="xla"), q, k, v, allowed)
+    ours = value_and_grads(padded, q, k, v, allowed)
+    np.testing.assert_allclose(ours[0], xla[0], rtol=1e-6)
+    for got, want in zip(ours[1], xla[1], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -127,7 +127,7 @@ def test_the_device_check_runs_end_to_end_on_a_tiny_cpu_shape(tmp_path):
     )
     assert "| scanned / unrolled |" in (tmp_path / "compile_time.md").read_text()
     rows = json.loads((tmp_path / "device_check.json").read_text())
-    jax_side = {f"{v}/{p}" for v in ("lora", "dora_exact", "dora_detach") for p in ("factored", "folded")} | {"full"}
+    jax_side = {f"{v}/{p}" for v in ("lora", "qdora") for p in ("factored", "folded")} | {"full"}  # tiny: QDoRA
     assert {r["variant"] for r in rows} == jax_side | {f"peft_{v}/torch" for v in ("full", "lora", "dora")}
     assert all(r["model"] == "llama" and np.isfinite(r["loss"]) for r in rows)
     assert all(r["mfu"] is None for r in rows)  # a CPU has no known bfloat16 peak
@@ -137,3 +137,6 @@ def test_the_device_check_runs_end_to_end_on_a_tiny_cpu_shape(tmp_path):
     xla = json.loads((tmp_path / "attention_xla.json").read_text())
     assert {r["variant"] for r in xla} == {"full", "lora/factored", "dora_exact/factored"}
     assert "Llama attention xla" in (tmp_path / "attention_xla.md").read_text()
+    (plan,) = [json.loads(line) for line in (tmp_path / "memory_plan.jsonl").read_text().splitlines()]
+    assert (plan["platform"], plan["quantize"], plan["remat"]) == ("cpu", "nf4", "full") and plan["peak_bytes"] > 0
+    assert (tmp_path / "memory_plan.md").read_text().splitlines()[2].startswith("| cpu | 1 | dora | nf4 | full |")

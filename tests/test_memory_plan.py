@@ -50,9 +50,11 @@ def test_the_plan_equals_the_memory_of_the_real_compiled_step(dora_plan):
     assert 0 <= dora_plan["argument_bytes"] - (params + 3 * adapters + batch) < 256  # step counters, the key
 
 
-def test_eight_devices_with_fsdp_hold_an_eighth_of_every_embed_axis_from_the_command_line():
+def test_eight_devices_with_fsdp_hold_an_eighth_of_every_embed_axis_from_the_command_line(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    table = tmp_path / "plans.md"
     argv = [sys.executable, "-m", "scripts.memory_plan", "--config=configs/default.py", "--devices=8", "--json"]
+    argv += [f"--markdown={table}"]
     argv += ["--config.model.hf_dir=random", "--config.train.batch_size=8", "--config.mesh.fsdp=8"]
     argv += [f"--config.model.base.architecture.{k}={v}" for k, v in SMALL.items()]
     argv += ["--config.train.finetune=full", "--device_memory=1GiB"]
@@ -68,6 +70,9 @@ def test_eight_devices_with_fsdp_hold_an_eighth_of_every_embed_axis_from_the_com
     whole = nbytes(leaves) - split
     rows = 3 * memory_plan.sequence_length(small_config()) * 4
     assert 0 <= figures["argument_bytes"] - (3 * (split / 8 + whole) + rows) < 256
+    header, rule, row = table.read_text().splitlines()  # the header, then the plan as a row
+    assert header == memory_plan.MARKDOWN_HEADER.splitlines()[0] and row == memory_plan.markdown_row(figures).strip()
+    assert row.startswith("| cpu | 8 | full | none | none | no | 8 x ")
 
 
 def test_a_bad_device_memory_is_named():

@@ -142,6 +142,27 @@ def resolve_attention(attention: str, dtype, head_dim: int, backend: str | None 
     return "cudnn" if backend == "gpu" and fused and head_dim <= 128 else "xla"
 
 
+def even_lengths(
+    q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """q, k, v and the mask padded by one position where a sequence length is odd: cuDNN's masked
+    training kernels take even lengths only (the paper's cutoff of 256 tokens gives 255 inputs). No
+    real query attends the padded key; the padded query attends the padded key alone (or, with no
+    padded key, no key: its output is dropped). The real rows' values and gradients are unchanged."""
+    pad_q, pad_k = q.shape[1] % 2, k.shape[1] % 2
+    if not (pad_q or pad_k):
+        return q, k, v, allowed
+    allowed = jnp.broadcast_to(allowed, (allowed.shape[0], 1, q.shape[1], k.shape[1]))
+    allowed = jnp.pad(allowed, ((0, 0), (0, 0), (0, pad_q), (0, pad_k)))
+    if pad_q and pad_k:
+        allowed = allowed.at[:, :, -1, -1].set(True)
+
+    def pad(x, extra):
+        return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0)))
+
+    return pad(q, pad_q), pad(k, pad_k), pad(v, pad_k), allowed
+
+
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, implementation: str = "recompute"
 ) -> jax.Array:
@@ -153,9 +174,13 @@ def dot_product_attention(
     """
     implementation = resolve_attention(implementation, q.dtype, q.shape[-1])
     if implementation != "recompute":  # k, v of a cache may be wider than the compute dtype
-        return jax.nn.dot_product_attention(
+        query_len = q.shape[1]
+        if implementation == "cudnn":
+            q, k, v, allowed = even_lengths(q, k, v, allowed)
+        out = jax.nn.dot_product_attention(
             q, k.astype(q.dtype), v.astype(q.dtype), mask=allowed, implementation=implementation
         )
+        return out[:, :query_len]
     batch, query_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     groups = heads // kv_heads
