@@ -4,6 +4,7 @@ from dora_jax import core, errors, io, metrics, models, optim, targets
 from dora_jax.core import AdapterConfig, decompose, init_adapters, merge
 from dora_jax.errors import ConfigError, DoraError, InjectError, ShapeError, TargetError
 from dora_jax.inject import inject, merged_targets
+from dora_jax.inject_fn import inject_fn
 from dora_jax.optim import combine, masked, partition, trainable_mask
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "errors",
     "init_adapters",
     "inject",
+    "inject_fn",
     "io",
     "masked",
     "merge",

@@ -25,8 +25,13 @@ def key_name(key: Any) -> str:
 
 
 def path_str(keypath: Iterable[Any]) -> str:
-    """'/'-joined path of a JAX key path, e.g. ``encoder/layer_0/query/kernel``."""
-    return "/".join(key_name(k) for k in keypath)
+    """'/'-joined path of a JAX key path, e.g. ``encoder/layer_0/query/kernel``. A final ``.value``
+    attribute (a Flax NNX ``Variable``'s payload) is left out: the path names the variable, so an
+    ``nnx.State`` and its ``nnx.to_pure_dict`` have the same paths."""
+    keys = list(keypath)
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys = keys[:-1]
+    return "/".join(key_name(k) for k in keys)
 
 
 # Pytree node types that stand for one parameter (core.quantize's QuantizedKernel: codes and scales of

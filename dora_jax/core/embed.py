@@ -11,6 +11,8 @@ W0). No dropout: PEFT has none on embeddings.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -18,14 +20,24 @@ from dora_jax.core.config import AdapterConfig
 from dora_jax.core.dora import Adapter, column_scale
 
 
-def lookup(ids: jax.Array, w0: jax.Array, adapter: Adapter, cfg: AdapterConfig) -> jax.Array:
+def lookup(
+    ids: jax.Array | None,
+    w0: jax.Array,
+    adapter: Adapter,
+    cfg: AdapterConfig,
+    *,
+    take: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
     """``W'[ids]``: rows of the adapted table for integer ``ids`` of any shape, in ``w0``'s dtype.
 
     ``adapter`` is in matrix form (``KernelLayout.adapter_matrices``); a magnitude-only one has m alone.
+    ``take(table)`` gathers the rows of a table of any width in place of ``jnp.take(table, ids, axis=0)``
+    (``inject_fn`` passes the traced program's own gather).
     """
-    rows = jnp.take(w0, ids, axis=0)
+    take = take or (lambda table: jnp.take(table, ids, axis=0))
+    rows = take(w0)
     if "a" in adapter:
-        low = jnp.take(adapter["a"], ids, axis=0).astype(w0.dtype) @ (cfg.scale * adapter["b"]).astype(w0.dtype)
+        low = take(adapter["a"]).astype(w0.dtype) @ (cfg.scale * adapter["b"]).astype(w0.dtype)
         rows = rows + low
     scale = column_scale(w0, adapter, cfg)
     return rows if scale is None else rows * scale.astype(rows.dtype)

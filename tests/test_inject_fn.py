@@ -1,0 +1,144 @@
+"""dj.inject_fn: adapters for any function of a parameter pytree (Flax NNX, plain JAX, Equinox) equal
+``fn(merge(params, adapters), ...)`` in values and adapter gradients, through the factored forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dora_jax as dj
+from conftest import perturb
+
+NNX_AXES = {r"out/kernel": (0, 1), r"(attention|einsum)/kernel": (0,), r"conv/kernel": (0, 1)}
+
+
+class Tied(nnx.Module):
+    """The five NNX layer types: an embedding table read as a lookup and as a tied head, a 1-D
+    convolution, Linear, LinearGeneral in (d -> heads x head_dim) and out ((heads, head_dim) -> d), Einsum."""
+
+    def __init__(self, dtype, rngs):
+        kw = dict(param_dtype=dtype, dtype=dtype, rngs=rngs)
+        self.embed = nnx.Embed(12, 8, **kw)
+        self.conv = nnx.Conv(8, 8, (3,), **kw)
+        self.up = nnx.Linear(8, 16, **kw)
+        self.attention = nnx.LinearGeneral(16, (2, 4), **kw)
+        self.einsum = nnx.Einsum("btd,dhk->bthk", (16, 2, 4), **kw)
+        self.out = nnx.LinearGeneral((2, 4), 8, axis=(-2, -1), **kw)
+
+    def __call__(self, ids):
+        h = jax.nn.gelu(self.up(self.conv(self.embed(ids))))
+        return self.embed.attend(self.out(self.attention(h) + self.einsum(h)))
+
+
+def nnx_case(dtype):
+    graph, state = nnx.split(Tied(dtype, nnx.Rngs(0)))
+
+    def fn(params, ids):
+        return nnx.merge(graph, params)(ids)
+
+    ids = jax.random.randint(jax.random.key(3), (2, 5), 0, 12)
+    return fn, state, (ids,), dict(targets=r".*/(kernel|embedding)", input_axes=NNX_AXES)
+
+
+def plain_case(dtype):
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = {
+        "up": {"w": jax.random.normal(keys[0], (8, 16), dtype), "b": jnp.zeros(16, dtype)},
+        "down": {"w": jax.random.normal(keys[1], (16, 4), dtype)},
+    }
+
+    def fn(params, x):  # a matmul and an einsum over the transposed kernel
+        h = jax.nn.gelu(x @ params["up"]["w"] + params["up"]["b"])
+        return jnp.einsum("bh,oh->bo", h, params["down"]["w"].T)
+
+    return fn, params, (jax.random.normal(keys[2], (3, 8), dtype),), dict(targets=r".*/w")
+
+
+def equinox_case(dtype):
+    eqx = pytest.importorskip("equinox")
+    model = eqx.nn.MLP(8, 4, 16, depth=2, key=jax.random.key(0), dtype=dtype)
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def fn(params, x):
+        return jax.vmap(eqx.combine(params, static))(x)
+
+    x = jax.random.normal(jax.random.key(2), (3, 8), dtype)
+    return fn, params, (x,), dict(targets=r"layers/\d+/weight", input_axes={r".*weight": (1,)})  # (out, in)
+
+
+CASES = {"nnx": nnx_case, "plain_jax": plain_case, "equinox": equinox_case}
+
+
+@pytest.mark.parametrize("method", ["dora", "lora"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_adapted_function_equals_the_merged_one_in_values_and_adapter_gradients_float64(case, method):
+    with jax.enable_x64(True):
+        fn, params, args, kw = CASES[case](jnp.float64)
+        cfg = dj.AdapterConfig(method=method, rank=2, dtype="float64", fallback="error", **kw)
+        adapters = perturb(dj.init_adapters(jax.random.key(4), params, cfg))
+        adapted = dj.inject_fn(fn, cfg)  # fallback="error": every targeted leaf takes the factored path
+
+        def factored(adapters):
+            return adapted(params, adapters, *args)
+
+        def merged(adapters):
+            return fn(dj.merge(params, adapters, cfg), *args)
+
+        def close(got, want):  # to 1e-10 of the array's scale (gradients reach ~1e4 through the tied head)
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
+
+        close(jax.jit(factored)(adapters), jax.jit(merged)(adapters))
+        grads = [jax.jit(jax.grad(lambda a, f=f: jnp.sum(jnp.sin(f(a)))))(adapters) for f in (factored, merged)]
+        jax.tree.map(close, *grads)
+
+
+@pytest.mark.parametrize("forward", ["factored", "folded"])
+def test_nnx_model_in_float32_under_jit_equals_the_merged_one(forward):
+    fn, params, args, kw = nnx_case(jnp.float32)
+    cfg = dj.AdapterConfig(rank=2, forward=forward, fallback="error", **kw)
+    adapters = perturb(dj.init_adapters(jax.random.key(4), params, cfg))
+    adapted = jax.jit(dj.inject_fn(fn, cfg))
+    np.testing.assert_allclose(adapted(params, adapters, *args), fn(dj.merge(params, adapters, cfg), *args), atol=1e-5)
+
+
+def test_nnx_state_and_its_pure_dict_name_the_same_leaves():
+    _, state, _, kw = nnx_case(jnp.float32)
+    cfg = dj.AdapterConfig(rank=2, **kw)
+    from_state = dj.init_adapters(jax.random.key(0), state, cfg)
+    from_dict = dj.init_adapters(jax.random.key(0), nnx.to_pure_dict(state), cfg)
+    jax.tree.map(np.testing.assert_array_equal, from_state, from_dict)
+    assert set(from_state) == {"embed", "conv", "up", "attention", "einsum", "out"}
+
+
+def test_a_leaf_read_by_another_operation_is_merged_there_or_named_with_fallback_error():
+    def fn(params, x):  # the kernel's sum is not a product the factored forward computes
+        return x @ params["w"] + jnp.sum(params["w"])
+
+    params, x = {"w": jax.random.normal(jax.random.key(0), (4, 3))}, jnp.ones((2, 4))
+    cfg = dj.AdapterConfig(rank=2, targets="w")
+    adapters = perturb(dj.init_adapters(jax.random.key(1), params, cfg))
+    merged = fn(dj.merge(params, adapters, cfg), x)
+    np.testing.assert_allclose(dj.inject_fn(fn, cfg)(params, adapters, x), merged, rtol=1e-6)
+    strict = dj.AdapterConfig(rank=2, targets="w", fallback="error")
+    with pytest.raises(dj.InjectError, match=r"^w: is read by reduce_sum; inject_fn merges it there"):
+        dj.inject_fn(fn, strict)(params, adapters, x)
+
+
+def test_the_factored_train_step_needs_fewer_flops_than_differentiating_the_merge():
+    def fn(params, x):
+        return jnp.tanh(x @ params["w1"]) @ params["w2"]
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = {"w1": jax.random.normal(keys[0], (256, 512)), "w2": jax.random.normal(keys[1], (512, 256))}
+    x = jax.random.normal(keys[2], (8, 256))  # few tokens: x^T g of a full weight gradient dominates
+    cfg = dj.AdapterConfig(rank=4, targets="w.", fallback="error")
+    adapters = dj.init_adapters(jax.random.key(1), params, cfg)
+
+    def flops(apply):
+        step = jax.jit(jax.grad(lambda a: jnp.sum(apply(a) ** 2)))
+        return step.lower(adapters).compile().cost_analysis()["flops"]
+
+    factored = flops(lambda a: dj.inject_fn(fn, cfg)(params, a, x))
+    merged = flops(lambda a: fn(dj.merge(params, a, cfg), x))
+    assert factored < 0.7 * merged
