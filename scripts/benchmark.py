@@ -40,7 +40,11 @@ import time
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="minilm,llama", help="comma list of minilm, llama")
+    parser.add_argument(
+        "--models",
+        default="minilm,llama",
+        help="comma list of minilm, llama and the inject_fn models nnx_mlp, jax_mlp (scripts/benchmark_fn.py)",
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rank", type=int, default=16)
@@ -98,7 +102,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 import dora_jax as dj  # noqa: E402
 from dora_jax import io, metrics, models, optim, run_config, runs  # noqa: E402
 from dora_jax.models.layers import resolve_attention  # noqa: E402
-from scripts import compile_time  # noqa: E402
+from scripts import benchmark_fn, compile_time  # noqa: E402
 from scripts.compare_paths import compiled_cost  # noqa: E402
 
 VARIANTS = (  # name, method, norm_grad, placement: every linear layer, or the paper's magnitude-only split
@@ -140,7 +144,11 @@ def model_shapes(args) -> dict:
             max_position_embeddings=4096,
         ),
     }
-    return {name: shapes[name] for name in args.models.split(",")}
+    names = args.models.split(",")
+    unknown = sorted(set(names) - set(shapes) - set(benchmark_fn.MODELS))
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; choose from {[*shapes, *benchmark_fn.MODELS]}")
+    return {name: shapes[name] for name in names if name in shapes}
 
 
 TARGETS = {
@@ -455,6 +463,7 @@ def main(args) -> list[dict]:
     rows = []
     for name, hf_config in model_shapes(args).items():
         rows += benchmark_model(name, hf_config, args)
+    rows += benchmark_fn.rows(args, compiled_figures)  # the inject_fn models named in --models
     attention = resolve_attention(args.attention, args.dtype, args.llama_hidden // max(1, args.llama_hidden // 64))
     heading = (
         f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; batch {args.batch} x {args.seq} tokens; "

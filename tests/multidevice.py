@@ -10,6 +10,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dora_jax import metrics, run_config, train  # noqa: E402
@@ -59,6 +60,36 @@ def measure(mesh, method, steps=5, scores=False, scan=False):
     return out
 
 
+def nnx_losses(shape, steps=3):
+    """Losses of an NNX model trained through ``dj.inject_fn`` on a (data, fsdp) mesh of ``shape``: kernels
+    split along fsdp over their input axis, the batch along data, the adapters replicated."""
+    import optax
+    from flax import nnx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    import dora_jax as dj
+
+    mesh = Mesh(np.array(jax.devices()[: shape[0] * shape[1]]).reshape(shape), ("data", "fsdp"))
+    model = nnx.Sequential(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(32, 8, rngs=nnx.Rngs(1)))
+    graph, params = nnx.split(model)
+    split = lambda x: NamedSharding(mesh, PartitionSpec("fsdp") if x.ndim == 2 else PartitionSpec())  # noqa: E731
+    params = jax.device_put(params, jax.tree.map(split, params))
+    cfg = dj.AdapterConfig(rank=4, targets=r"layers/\d+/kernel", fallback="error")
+    adapted = dj.inject_fn(lambda p, x: nnx.merge(graph, p)(x), cfg)
+    tx = optax.adamw(1e-2)
+    forward = lambda ad, p, batch, rng: adapted(p, ad, batch["inputs"])  # noqa: E731
+    step = jax.jit(dj.optim.make_train_step(forward, tx, metrics.squared_error))
+    state = dj.optim.init_state(tx, dj.init_adapters(jax.random.key(2), params, cfg))
+    inputs = jax.random.normal(jax.random.key(3), (16, 16))
+    batch = {"inputs": inputs, "targets": jnp.tanh(inputs[:, :8]), "loss_mask": jnp.ones(16)}
+    batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+    losses = []
+    for i in range(steps):
+        state, out = step(state, params, batch, jax.random.key(i))
+        losses.append(float(out["loss"]))
+    return losses
+
+
 def error(mesh, **overrides):
     c = config(mesh)
     for key, value in overrides.items():
@@ -94,6 +125,7 @@ if __name__ == "__main__":
         "losses": {key: run["losses"] for key, run in runs.items()},
         "eval_scores": {name: runs[f"dora/{name}"]["eval_scores"] for name in SCORED},
         "argument_bytes": {name: runs[f"full/{name}"]["argument_bytes"] for name in ("data", "fsdp")},
+        "nnx_losses": {"one_device": nnx_losses((1, 1)), "mixed": nnx_losses((2, 4))},
         "mesh_error": error(dict(data=3, fsdp=1, tensor=1)),
         "batch_error": error(dict(data=8, fsdp=1, tensor=1), **{"train.batch_size": 12}),
     }

@@ -140,3 +140,18 @@ def test_the_device_check_runs_end_to_end_on_a_tiny_cpu_shape(tmp_path):
     (plan,) = [json.loads(line) for line in (tmp_path / "memory_plan.jsonl").read_text().splitlines()]
     assert (plan["platform"], plan["quantize"], plan["remat"]) == ("cpu", "nf4", "full") and plan["peak_bytes"] > 0
     assert (tmp_path / "memory_plan.md").read_text().splitlines()[2].startswith("| cpu | 1 | dora | nf4 | full |")
+
+
+def test_the_inject_fn_rows_take_fewer_flops_than_the_merge_path():
+    # an NNX and a plain-JAX model through dj.inject_fn (scripts/benchmark_fn.py): the factored train step
+    # compiles to fewer FLOPs than differentiating dj.merge, for both
+    argv = ["--models", "nnx_mlp,jax_mlp", "--llama-hidden", "64", "--llama-layers", "1", "--batch", "2"]
+    argv += ["--seq", "4", "--rank", "2", "--steps", "1", "--warmup", "1", "--compile-layers", "0"]
+    rows = {(r["model"], r["variant"]): r for r in benchmark.main(benchmark.parse_args(argv))}
+    assert set(rows) == {(m, v) for m in ("nnx_mlp", "jax_mlp") for v in ("full", *FN_VARIANTS)}
+    for model in ("nnx_mlp", "jax_mlp"):
+        assert rows[model, "dora_exact/inject_fn"]["gflop"] < rows[model, "dora_exact/merge"]["gflop"]
+        assert all(np.isfinite(rows[model, v]["loss"]) for v in FN_VARIANTS)
+
+
+FN_VARIANTS = ("lora/inject_fn", "dora_exact/inject_fn", "dora_exact/merge")

@@ -142,3 +142,28 @@ def test_the_factored_train_step_needs_fewer_flops_than_differentiating_the_merg
     factored = flops(lambda a: dj.inject_fn(fn, cfg)(params, a, x))
     merged = flops(lambda a: fn(dj.merge(params, a, cfg), x))
     assert factored < 0.7 * merged
+
+
+def test_an_nnx_model_exports_its_adapter_to_peft_by_a_module_mapping_and_peft_gives_its_outputs(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(12, 3))
+    model = nnx.Sequential(nnx.Linear(6, 12, rngs=nnx.Rngs(0)), nnx.gelu, nnx.Linear(12, 3, rngs=nnx.Rngs(1)))
+    graph, state = nnx.split(model)
+    weights = {f"layers/{i}/{name}": getattr(net[i], "weight" if name == "kernel" else "bias") for i in (0, 2)
+               for name in ("kernel", "bias")}  # fmt: skip
+    state = jax.tree_util.tree_map_with_path(  # the twin's weights, (out, in) -> Flax's (in, out)
+        lambda kp, leaf: jnp.asarray(weights[dj.targets.path_str(kp)].detach().numpy().T), state
+    )
+    modules = {"layers/0/kernel": "0", "layers/2/kernel": "2"}  # Flax leaf path -> PyTorch module name
+    cfg = dj.AdapterConfig(rank=2, alpha=4, targets=r"layers/\d+/kernel")
+    adapters = perturb(dj.init_adapters(jax.random.key(1), state, cfg))
+    dj.io.export_peft(adapters, cfg, tmp_path, modules=modules, params=state)
+    x = np.random.default_rng(0).standard_normal((4, 6), dtype=np.float32)
+    ours = dj.inject_fn(lambda p, x: nnx.merge(graph, p)(x), cfg)(state, adapters, jnp.asarray(x))
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(net, str(tmp_path)).eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    again, _ = dj.io.import_peft(tmp_path, state, modules=modules)
+    jax.tree.map(np.testing.assert_array_equal, again, adapters)

@@ -39,6 +39,12 @@ def test_sharded_evaluator_scores_like_one_device(eight_devices):
     np.testing.assert_allclose(scores["mixed"], scores["one_device"], rtol=1e-5, atol=1e-5)  # data x fsdp x tensor
 
 
+def test_an_nnx_model_trained_through_inject_fn_on_a_data_and_fsdp_mesh_gives_one_devices_losses(eight_devices):
+    losses = eight_devices["nnx_losses"]
+    assert len(losses["one_device"]) == 3 and losses["one_device"][-1] < losses["one_device"][0]
+    np.testing.assert_allclose(losses["mixed"], losses["one_device"], rtol=1e-5, atol=1e-6)
+
+
 def test_fsdp_shrinks_per_device_parameter_memory(eight_devices):
     sizes = eight_devices["argument_bytes"]
     assert sizes["fsdp"] < sizes["data"] / 4
