@@ -1,6 +1,6 @@
 """dora_jax: DoRA, LoRA and rsLoRA as functional transforms over Flax parameter trees."""
 
-from dora_jax import core, errors, io, metrics, models, optim, targets
+from dora_jax import core, errors, io, metrics, models, nnx, optim, targets
 from dora_jax.core import AdapterConfig, decompose, init_adapters, merge
 from dora_jax.errors import ConfigError, DoraError, InjectError, ShapeError, TargetError
 from dora_jax.inject import inject, merged_targets
@@ -27,6 +27,7 @@ __all__ = [
     "merged_targets",
     "metrics",
     "models",
+    "nnx",
     "optim",
     "partition",
     "targets",

@@ -167,3 +167,34 @@ def test_an_nnx_model_exports_its_adapter_to_peft_by_a_module_mapping_and_peft_g
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
     again, _ = dj.io.import_peft(tmp_path, state, modules=modules)
     jax.tree.map(np.testing.assert_array_equal, again, adapters)
+
+
+def test_nnx_optimizer_over_dj_nnx_adapter_trains_the_adapters_alone_and_merged_is_the_tuned_model():
+    import optax
+
+    model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
+    base = nnx.state(model, nnx.Param)
+    cfg = dj.AdapterConfig(rank=2, targets=r"layers/\d+/kernel", fallback="error")
+    adapted = dj.nnx.Adapted(model, cfg, rngs=nnx.Rngs(2))
+    x, y = jax.random.normal(jax.random.key(3), (6, 8)), jnp.zeros((6, 4))
+    np.testing.assert_allclose(adapted(x), model(x), atol=1e-6)  # B = 0, m = ||W0||: the identity at init
+    optimizer = nnx.Optimizer(adapted, optax.adam(1e-2), wrt=dj.nnx.Adapter)
+
+    @nnx.jit
+    def train_step(adapted, optimizer):
+        loss = lambda adapted: jnp.mean((adapted(x) - y) ** 2)  # noqa: E731
+        value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, dj.nnx.Adapter))(adapted)
+        optimizer.update(adapted, grads)
+        return value
+
+    losses = [float(train_step(adapted, optimizer)) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    # the optimizer holds state for the adapters only, and the model's own parameters did not move
+    opt_paths = {dj.targets.path_str(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(nnx.state(optimizer))}
+    moments = {p for p in opt_paths if "/mu/" in p or "/nu/" in p}  # Adam's two moments, one per adapter array
+    assert moments and all("/adapters/" in p for p in moments) and opt_paths - moments <= {"step", "opt_state/0/count"}
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param), base)
+    np.testing.assert_allclose(adapted.merged()(x), adapted(x), atol=1e-5)
+    graph, params = nnx.split(model)  # the adapter as a plain tree: inject_fn over the model's own state
+    plain = dj.inject_fn(lambda p, x: nnx.merge(graph, p)(x), cfg)(params, adapted.adapter_tree(), x)
+    np.testing.assert_allclose(adapted(x), plain, atol=1e-6)
