@@ -16,6 +16,10 @@ targeted leaf (a reduction, a scan or custom-derivative call that receives it, a
 W' instead, so the result is the same either way; ``fallback="error"`` (``AdapterConfig.fallback``)
 turns that into an InjectError naming the leaf and the operation.
 
+A quantized kernel (``core.quantize.QuantizedKernel``, targeted or not) is traced as the array it stands
+for and dequantized inside each equation that reads it, under a remat that saves only the adapted layers'
+named activations: the backward dequantizes again from the codes, as ``dj.inject`` does.
+
 Leaf paths are '/'-joined as for linen: an NNX ``Variable``'s payload (a trailing ``value`` attribute)
 is not part of its path, so ``nnx.State`` and ``nnx.to_pure_dict`` give the same targets.
 """
@@ -45,6 +49,7 @@ from dora_jax.core import (
     vera,
 )
 from dora_jax.core.adapters import matched_entries
+from dora_jax.core.dora import saved_activations
 from dora_jax.errors import InjectError
 
 # Operations a targeted kernel passes through and stays itself: they move its elements (or cast them).
@@ -54,13 +59,13 @@ _CALLS = {"pjit", "jit", "closed_call", "core_call"}  # nested jitted functions:
 
 @dataclasses.dataclass(frozen=True)
 class _Kernel:
-    """A targeted leaf as the traced function has moved it: ``value`` is the frozen ``leaf`` after the
-    moves (in its stored dtype: casts are recorded, not applied), ``moves`` the (primitive, params)
-    applied since the leaf."""
+    """A targeted leaf, or a quantized one, as the traced function has moved it: ``value`` is the frozen
+    ``leaf`` after the moves (in its stored dtype: casts are recorded, not applied; None for a quantized
+    leaf, dequantized where it is read), ``moves`` the (primitive, params) applied since the leaf."""
 
     path: str
-    leaf: jax.Array
-    value: jax.Array
+    leaf: Any
+    value: jax.Array | None
     moves: tuple[tuple[Any, Any], ...] = ()
 
 
@@ -74,16 +79,19 @@ def inject_fn(fn: Callable, cfg: AdapterConfig) -> Callable:
     def adapted(params, adapters, *args, dropout_rng: jax.Array | None = None, **kwargs):
         entries = matched_entries(params, adapters, cfg)
         flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=targets.is_parameter_node)
-        if any(quantize.is_quantized(leaf) for _, leaf in flat):
-            raise InjectError("inject_fn: quantized kernels are not supported yet; use dj.inject on a linen model")
         paths = [targets.path_str(keypath) for keypath, _ in flat]
         leaves = [leaf for _, leaf in flat]
 
         def flat_fn(leaves, args):
             return fn(jax.tree_util.tree_unflatten(treedef, leaves), *args, **kwargs)
 
-        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, args)
-        inputs = [_Kernel(p, leaf, leaf) if p in entries else leaf for p, leaf in zip(paths, leaves, strict=True)]
+        # a quantized kernel is traced as the array it stands for
+        shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) if quantize.is_quantized(x) else x for x in leaves]
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(shapes, args)
+        inputs = [
+            _Kernel(p, leaf, None) if quantize.is_quantized(leaf) else _Kernel(p, leaf, leaf) if p in entries else leaf
+            for p, leaf in zip(paths, leaves, strict=True)
+        ]
         inputs += jax.tree.leaves(args)
         evaluator = _Evaluator(cfg, entries, vera.projection_of(adapters), dropout_rng)
         outs = evaluator.run(closed.jaxpr, closed.consts, inputs)
@@ -125,12 +133,16 @@ class _Evaluator:
             return _bind(eqn.primitive, eqn.params, values)
         if name in _MOVES and len(values) == 1:
             (kernel,) = values
-            moved = kernel.value if name == "convert_element_type" else _bind(eqn.primitive, eqn.params, [kernel.value])
+            moved = kernel.value
+            if name != "convert_element_type" and moved is not None:
+                moved = _bind(eqn.primitive, eqn.params, [moved])
             return dataclasses.replace(kernel, value=moved, moves=kernel.moves + ((eqn.primitive, eqn.params),))
         if name in _CALLS:
             closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
             jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
             return self.run(jaxpr, consts, values)
+        if any(k.value is None for k in kernels):
+            return self.dequantizing(eqn, values)
         reason = f"is read by {name}"
         route = {"dot_general": self.dot, "conv_general_dilated": self.conv, "gather": self.gather}.get(name)
         if route is not None and len(kernels) == 1:
@@ -140,16 +152,35 @@ class _Evaluator:
             reason = routed
         return _bind(eqn.primitive, eqn.params, [self.concrete(v, reason) for v in values])
 
+    def dequantizing(self, eqn, values):
+        """The equation with its quantized kernels dequantized inside it, under a remat that saves only the
+        adapted layers' named activations (``core.dora.SAVED_ACTIVATIONS``; a frozen layer's: none): the
+        backward dequantizes again from the codes rather than keep every full-precision kernel alive."""
+        lazy = [i for i, v in enumerate(values) if isinstance(v, _Kernel) and v.value is None]
+
+        def body(leaves):
+            values_ = list(values)
+            for i, leaf in zip(lazy, leaves, strict=True):
+                kernel, w = values_[i], quantize.dequantize(leaf)
+                if kernel.path not in self.entries:  # a frozen kernel: the array it stands for, moved
+                    values_[i] = _moved_value(w, kernel.moves, casts=True)
+                else:
+                    values_[i] = dataclasses.replace(kernel, leaf=w, value=_moved_value(w, kernel.moves, casts=False))
+            return self.equation(eqn, values_)
+
+        return jax.checkpoint(body, policy=saved_activations())([values[i].leaf for i in lazy])
+
     def concrete(self, value: Any, reason: str) -> Any:
-        """A value for an ordinary operation: a ``_Kernel`` becomes the merged W', moved as it was."""
+        """A value for an ordinary operation: a ``_Kernel`` becomes the merged W' (a frozen quantized one its
+        dequantized values), moved as it was."""
         if not isinstance(value, _Kernel):
             return value
-        if self.cfg.fallback == "error":
-            raise InjectError(f"{value.path}: {reason}; inject_fn merges it there unless fallback='error'")
-        merged = merge_kernel(value.leaf, self.entries[value.path], self.cfg, self.axes(value), self.projection)
-        for primitive, params in value.moves:
-            merged = _bind(primitive, params, [merged])
-        return merged
+        leaf = quantize.dequantized(value.leaf)
+        if value.path in self.entries:
+            if self.cfg.fallback == "error":
+                raise InjectError(f"{value.path}: {reason}; inject_fn merges it there unless fallback='error'")
+            leaf = merge_kernel(leaf, self.entries[value.path], self.cfg, self.axes(value), self.projection)
+        return _moved_value(leaf, value.moves, casts=True)
 
     def axes(self, kernel: _Kernel) -> tuple[int, ...]:
         return self.cfg.axes_for(kernel.path, tuple(kernel.leaf.shape))
@@ -252,6 +283,14 @@ class _Evaluator:
         if side == 0:  # dot_general puts the lhs's free dimensions first
             y = jnp.moveaxis(y, tuple(range(len(x_free))), tuple(range(len(free_shape), y.ndim)))
         return y.astype(eqn.outvars[0].aval.dtype)
+
+
+def _moved_value(value: jax.Array, moves, *, casts: bool) -> jax.Array:
+    """``value`` moved as ``moves`` move it (with or without the dtype casts among them)."""
+    for primitive, params in moves:
+        if casts or primitive.name != "convert_element_type":
+            value = _bind(primitive, params, [value])
+    return value
 
 
 def _moved(kernel: _Kernel) -> list[tuple[Any, Any]]:

@@ -198,3 +198,29 @@ def test_nnx_optimizer_over_dj_nnx_adapter_trains_the_adapters_alone_and_merged_
     graph, params = nnx.split(model)  # the adapter as a plain tree: inject_fn over the model's own state
     plain = dj.inject_fn(lambda p, x: nnx.merge(graph, p)(x), cfg)(params, adapted.adapter_tree(), x)
     np.testing.assert_allclose(adapted(x), plain, atol=1e-6)
+
+
+def test_a_quantized_nnx_model_adapts_like_its_dequantized_values_and_keeps_the_codes_for_the_backward(capsys):
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from dora_jax.core import quantize
+
+    model = nnx.Sequential(nnx.Linear(32, 64, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(64, 32, rngs=nnx.Rngs(1)))
+    graph, state = nnx.split(model)
+    quantized = quantize.quantize_params(state, "nf4", 16)  # both kernels NF4; the second stays frozen
+    cfg = dj.AdapterConfig(rank=2, targets=r"layers/0/kernel", fallback="error")
+    adapters = perturb(dj.init_adapters(jax.random.key(1), quantized, cfg))
+    adapted = dj.inject_fn(lambda p, x: nnx.merge(graph, p)(x), cfg)
+    x = jax.random.normal(jax.random.key(2), (4, 32))
+
+    def loss(adapters, params):
+        return jnp.sum(adapted(params, adapters, x) ** 2)
+
+    dequantized = quantize.dequantize_tree(quantized)
+    np.testing.assert_allclose(adapted(quantized, adapters, x), adapted(dequantized, adapters, x), atol=1e-6)
+    grads = [jax.jit(jax.grad(loss))(adapters, p) for p in (quantized, dequantized)]
+    jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5), *grads)
+    print_saved_residuals(loss, adapters, quantized)
+    saved = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("u4[32,64]") for line in saved)  # the codes, not the f32 kernels, are kept
+    assert not [line for line in saved if line.split(" ")[0] in ("f32[32,64]", "f32[64,32]") and "argument" not in line]
