@@ -11,7 +11,8 @@ a channels-last convolution ``core.conv.factored_conv``; a gather of whole rows 
 lookup) ``core.embed.lookup``. The kernel may reach its product through reshapes,
 transposes and dtype casts that keep its input and output elements apart: their index arithmetic is
 replayed on the kernel's element numbers (numpy, at trace time) to find which matrix rows and columns
-the product reads. Calls to nested jitted functions are evaluated the same way. Any other use of a
+the product reads. Calls to nested jitted functions are evaluated the same way, a remat (``jax.checkpoint``,
+``nnx.remat``) under its own policy. Any other use of a
 targeted leaf (a reduction, a scan or custom-derivative call that receives it, an output) reads the merged
 W' instead, so the result is the same either way; ``fallback="error"`` (``AdapterConfig.fallback``)
 turns that into an InjectError naming the leaf and the operation.
@@ -55,6 +56,7 @@ from dora_jax.errors import InjectError
 # Operations a targeted kernel passes through and stays itself: they move its elements (or cast them).
 _MOVES = {"reshape", "transpose", "squeeze", "expand_dims", "convert_element_type", "copy", "copy_p"}
 _CALLS = {"pjit", "jit", "closed_call", "core_call"}  # nested jitted functions: evaluated inline
+# (a ``checkpoint`` equation, a remat, is evaluated under the same remat: ``_Evaluator.remat``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +96,7 @@ def inject_fn(fn: Callable, cfg: AdapterConfig) -> Callable:
         ]
         inputs += jax.tree.leaves(args)
         evaluator = _Evaluator(cfg, entries, vera.projection_of(adapters), dropout_rng)
-        outs = evaluator.run(closed.jaxpr, closed.consts, inputs)
+        outs = [evaluator.concrete(out, "is an output of the function") for out in evaluator.run(closed, inputs)]
         return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
     return adapted
@@ -113,7 +115,10 @@ class _Evaluator:
         self.dropout_rng = dropout_rng
         self.calls = 0  # adapted products so far: each folds its own dropout key
 
-    def run(self, jaxpr, consts, inputs) -> list[Any]:
+    def run(self, closed, inputs) -> list[Any]:
+        """The outputs of ``closed`` (a jaxpr and its constants) on ``inputs``; a kernel that is an output
+        stays a ``_Kernel`` (a nested call or remat may hand one back unchanged)."""
+        jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
         env: dict[Any, Any] = {}
 
         def read(var):
@@ -124,7 +129,7 @@ class _Evaluator:
         for eqn in jaxpr.eqns:
             outs = self.equation(eqn, [read(v) for v in eqn.invars])
             env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs], strict=True))
-        return [self.concrete(read(v), "is an output of the function") for v in jaxpr.outvars]
+        return [read(v) for v in jaxpr.outvars]
 
     def equation(self, eqn, values):
         kernels = [v for v in values if isinstance(v, _Kernel)]
@@ -138,9 +143,9 @@ class _Evaluator:
                 moved = _bind(eqn.primitive, eqn.params, [moved])
             return dataclasses.replace(kernel, value=moved, moves=kernel.moves + ((eqn.primitive, eqn.params),))
         if name in _CALLS:
-            closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-            jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
-            return self.run(jaxpr, consts, values)
+            return self.run(eqn.params.get("jaxpr", eqn.params.get("call_jaxpr")), values)
+        if name in ("checkpoint", "remat2"):  # jax.checkpoint / nnx.remat / eqx.filter_checkpoint around a kernel's use
+            return self.remat(eqn, values)
         if any(k.value is None for k in kernels):
             return self.dequantizing(eqn, values)
         reason = f"is read by {name}"
@@ -151,6 +156,29 @@ class _Evaluator:
                 return routed
             reason = routed
         return _bind(eqn.primitive, eqn.params, [self.concrete(v, reason) for v in values])
+
+    def remat(self, eqn, values):
+        """A ``checkpoint`` equation whose body reads a kernel: the body evaluated here, under the same
+        remat (its policy), the kernels' arrays passed in as arguments."""
+        where = [i for i, v in enumerate(values) if isinstance(v, _Kernel)]
+        handed_back: dict[int, _Kernel] = {}  # outputs that are kernels (an NNX module's state passes through)
+
+        def body(arrays, others):
+            values_ = list(others)
+            for i, (leaf, value) in zip(where, arrays, strict=True):
+                values_[i] = dataclasses.replace(values[i], leaf=leaf, value=value)
+            outs = self.run(eqn.params["jaxpr"], values_)
+            handed_back.update((j, out) for j, out in enumerate(outs) if isinstance(out, _Kernel))
+            plain = [None if isinstance(out, _Kernel) else out for out in outs]
+            return plain, [(out.leaf, out.value) for out in outs if isinstance(out, _Kernel)]
+
+        arrays = [(values[i].leaf, values[i].value) for i in where]
+        others = [None if isinstance(v, _Kernel) else v for v in values]
+        policy, prevent_cse = eqn.params.get("policy"), eqn.params.get("prevent_cse", True)
+        plain, kernels = jax.checkpoint(body, policy=policy, prevent_cse=prevent_cse)(arrays, others)
+        for j, (leaf, value) in zip(sorted(handed_back), kernels, strict=True):
+            plain[j] = dataclasses.replace(handed_back[j], leaf=leaf, value=value)
+        return plain
 
     def dequantizing(self, eqn, values):
         """The equation with its quantized kernels dequantized inside it, under a remat that saves only the

@@ -224,3 +224,36 @@ def test_a_quantized_nnx_model_adapts_like_its_dequantized_values_and_keeps_the_
     saved = capsys.readouterr().out.splitlines()
     assert any(line.startswith("u4[32,64]") for line in saved)  # the codes, not the f32 kernels, are kept
     assert not [line for line in saved if line.split(" ")[0] in ("f32[32,64]", "f32[64,32]") and "argument" not in line]
+
+
+class Remat(nnx.Module):
+    """A residual block called through nnx.remat (a checkpoint equation whose body reads the kernels and
+    hands the module's state back)."""
+
+    def __init__(self, rngs):
+        self.up, self.down = nnx.Linear(8, 16, rngs=rngs), nnx.Linear(16, 8, rngs=rngs)
+
+    def __call__(self, x):
+        return nnx.remat(lambda block, x: x + block.down(jax.nn.gelu(block.up(x))))(self, x)
+
+
+def remat_case(kind):
+    """An NNX block under nnx.remat, or a plain-JAX function under jax.checkpoint."""
+    if kind == "nnx_remat":
+        graph, state = nnx.split(Remat(nnx.Rngs(0)))
+        return (lambda p, x: nnx.merge(graph, p)(x)), state
+    params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
+    return jax.checkpoint(lambda p, x: jnp.tanh(x @ p["w"]) @ p["w"]), params
+
+
+@pytest.mark.parametrize("kind", ["nnx_remat", "jax_checkpoint"])
+def test_kernels_read_inside_a_remat_are_routed_under_the_same_remat(kind):
+    fn, params = remat_case(kind)
+    cfg = dj.AdapterConfig(rank=2, targets=r".*(kernel|w)", fallback="error")  # no leaf may fall back to merge
+    adapters = perturb(dj.init_adapters(jax.random.key(1), params, cfg))
+    x = jax.random.normal(jax.random.key(2), (3, 8))
+    merged = lambda a: fn(dj.merge(params, a, cfg), x)  # noqa: E731
+    adapted = lambda a: dj.inject_fn(fn, cfg)(params, a, x)  # noqa: E731
+    np.testing.assert_allclose(adapted(adapters), merged(adapters), rtol=1e-5, atol=1e-5)
+    grads = [jax.jit(jax.grad(lambda a, f=f: jnp.sum(f(a) ** 2)))(adapters) for f in (adapted, merged)]
+    jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4), *grads)
