@@ -257,3 +257,24 @@ def test_kernels_read_inside_a_remat_are_routed_under_the_same_remat(kind):
     np.testing.assert_allclose(adapted(adapters), merged(adapters), rtol=1e-5, atol=1e-5)
     grads = [jax.jit(jax.grad(lambda a, f=f: jnp.sum(f(a) ** 2)))(adapters) for f in (adapted, merged)]
     jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4), *grads)
+
+
+@pytest.mark.parametrize("method", ["vera", "dvora"])
+def test_vera_and_dvora_adapters_route_through_inject_fn_like_merge(method):
+    fn, params, args, kw = plain_case(jnp.float32)
+    cfg = dj.AdapterConfig(method=method, rank=4, fallback="error", **kw)  # shared frozen projections
+    adapters = perturb(dj.init_adapters(jax.random.key(4), params, cfg))
+    expected = fn(dj.merge(params, adapters, cfg), *args)
+    np.testing.assert_allclose(dj.inject_fn(fn, cfg)(params, adapters, *args), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_dropout_follows_its_key_and_is_off_without_one():
+    fn, params, args, kw = plain_case(jnp.float32)
+    cfg = dj.AdapterConfig(rank=2, dropout=0.5, **kw)
+    adapters = perturb(dj.init_adapters(jax.random.key(4), params, cfg))
+    adapted = dj.inject_fn(fn, cfg)
+    keyed = [adapted(params, adapters, *args, dropout_rng=jax.random.key(k)) for k in (0, 0, 1)]
+    np.testing.assert_array_equal(keyed[0], keyed[1])  # the same key, the same masks
+    assert np.abs(keyed[0] - keyed[2]).max() > 1e-3  # another key, other masks
+    merged = fn(dj.merge(params, adapters, cfg), *args)  # no key: no dropout, the merged model's outputs
+    np.testing.assert_allclose(adapted(params, adapters, *args), merged, rtol=1e-5, atol=1e-5)
