@@ -29,6 +29,7 @@ if [ "${DEVICE_CHECK_SHAPE:-1b}" = tiny ]; then
   plan=(--config=configs/default.py)
   plans=("--config.model.quantize=nf4 --config.model.remat=full")
   tiny_variants=qdora  # the suite's run: each stage once (dora_exact runs in the attention stage)
+  paths=factored  # (the folded path of every variant: tests/test_benchmark.py's MiniLM rows)
 else
   shape=(--llama-hidden 2048 --llama-layers 16 --llama-vocab 32000 --batch 16 --seq 1024 --rank 16 --steps 10
     --warmup 2 --dtype bfloat16)
@@ -60,8 +61,7 @@ memory_plans() {  # one process per plan, each appending its JSON line and table
       >>"$out/memory_plan.jsonl" || return 1
   done
 }
-"$python" -c 'import jax; print("devices:", jax.devices())'
-stage benchmark "$python" -m scripts.benchmark --models llama "${shape[@]}" --paths factored,folded \
+stage benchmark "$python" -m scripts.benchmark --models llama "${shape[@]}" --paths "${paths:-factored,folded}" \
   --variants "$variants" --peft --peak-tflops auto --compile-layers 0 \
   --json "$out/device_check.json" --markdown "$out/device_check.md"
 stage compile_time "$python" -m scripts.compile_time "${compile[@]}" \
