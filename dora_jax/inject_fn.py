@@ -54,7 +54,7 @@ from dora_jax.core.dora import saved_activations
 from dora_jax.errors import InjectError
 
 # Operations a targeted kernel passes through and stays itself: they move its elements (or cast them).
-_MOVES = {"reshape", "transpose", "squeeze", "expand_dims", "convert_element_type", "copy", "copy_p"}
+_MOVES = {"reshape", "transpose", "squeeze", "convert_element_type", "copy", "copy_p"}
 _CALLS = {"pjit", "jit", "closed_call", "core_call"}  # nested jitted functions: evaluated inline
 # (a ``checkpoint`` equation, a remat, is evaluated under the same remat: ``_Evaluator.remat``)
 
@@ -226,20 +226,22 @@ class _Evaluator:
         """``core.conv.factored_conv`` for a convolution over a targeted kernel in Flax's layout
         (``(*window, c_in, c_out)``, channels last), or the reason it cannot be routed."""
         kernel, x = values[1], values[0]
+        refusal = "is read by a convolution that is not Flax's ungrouped, channels-last one over its input axes"
+        if not isinstance(kernel, _Kernel):  # the kernel is the convolution's input
+            return refusal
         params, ndim = eqn.params, kernel.leaf.ndim
         numbers = params["dimension_numbers"]
-        layout, matrices = self.matrices(kernel) if isinstance(kernel, _Kernel) else (None, None)
         flax_layout = (ndim - 1, ndim - 2, *range(ndim - 2))  # rhs_spec: out, in, window
         if (
-            not isinstance(kernel, _Kernel)
-            or _moved(kernel)
+            _moved(kernel)
             or tuple(numbers.rhs_spec) != flax_layout
             or numbers.out_spec[1] != ndim - 1
             or params["feature_group_count"] != 1
             or params["batch_group_count"] != 1
-            or layout.input_axes != tuple(range(ndim - 1))
+            or self.axes(kernel) != tuple(range(ndim - 1))
         ):
-            return "is read by a convolution that is not Flax's ungrouped, channels-last one over its input axes"
+            return refusal
+        _, matrices = self.matrices(kernel)
 
         def convolve(inputs, weights):
             return _bind(eqn.primitive, params, [inputs, weights])
@@ -360,6 +362,4 @@ def _move_indices(index: np.ndarray, name: str, params) -> np.ndarray | None:
         return np.transpose(index, params["permutation"])
     if name == "squeeze":
         return np.squeeze(index, axis=tuple(params["dimensions"]))
-    if name == "expand_dims":
-        return np.expand_dims(index, tuple(params["dimensions"]))
     return None

@@ -278,3 +278,16 @@ def test_adapter_dropout_follows_its_key_and_is_off_without_one():
     assert np.abs(keyed[0] - keyed[2]).max() > 1e-3  # another key, other masks
     merged = fn(dj.merge(params, adapters, cfg), *args)  # no key: no dropout, the merged model's outputs
     np.testing.assert_allclose(adapted(params, adapters, *args), merged, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_convolved_as_the_input_is_merged_there_or_named_with_fallback_error():
+    def fn(params, x):  # the kernel is the convolution's lhs: no factored form
+        return jax.lax.conv_general_dilated(params["w"].reshape(1, 1, 6, 6), x, (1, 1), "SAME")  # NCHW, OIHW
+
+    params, x = {"w": jax.random.normal(jax.random.key(0), (6, 6))}, jnp.ones((2, 1, 3, 3))
+    cfg = dj.AdapterConfig(rank=2, targets="w")
+    adapters = perturb(dj.init_adapters(jax.random.key(1), params, cfg))
+    merged = fn(dj.merge(params, adapters, cfg), x)
+    np.testing.assert_allclose(dj.inject_fn(fn, cfg)(params, adapters, x), merged, rtol=1e-5, atol=1e-5)
+    with pytest.raises(dj.InjectError, match="^w: is read by a convolution that is not Flax's"):
+        dj.inject_fn(fn, dj.AdapterConfig(rank=2, targets="w", fallback="error"))(params, adapters, x)
