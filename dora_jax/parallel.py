@@ -8,6 +8,7 @@ parameters carry logical axis names (``dj.models.logical_axes``); rules map them
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -142,6 +143,20 @@ def adapter_shardings(adapters: Any, logical_specs: Any, mesh: Mesh, rules: Sequ
         }
 
     return jax.tree_util.tree_map_with_path(one, adapters, is_leaf=is_adapter)
+
+
+def under_mesh(fn: Any, mesh: Mesh) -> Any:
+    """``fn`` traced with ``mesh`` as the abstract mesh (``jax.sharding.use_abstract_mesh``), for a jitted
+    step: a Pallas kernel that runs per shard reads it (``models.splash``); the rest of the step ignores it."""
+    if mesh.size == 1:
+        return fn
+
+    @functools.wraps(fn)
+    def traced(*args: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -55,7 +55,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.num_labels = 0  # > 0: a BERT-family encoder as a sequence classifier (head trained with the adapters)
     c.model.remat = "none"  # Llama: none | full | dots, recompute layer activations in the backward (long sequences)
     c.model.scan_layers = False  # Llama: one nn.scan over the decoder layers (stacked params; compiles once per layer)
-    c.model.attention = "auto"  # Llama: recompute | xla | cudnn | auto (cuDNN on GPUs, XLA's on TPUs, recompute on CPU)
+    c.model.attention = "auto"  # Llama: recompute | xla | cudnn | splash | auto (cuDNN on GPUs, splash on TPUs, ...)
     c.model.compute_dtype = "float32"  # dtype of activations (bfloat16 on accelerators)
     c.model.quantize = "none"  # none | nf4 | int8: the frozen base's linear kernels stored quantized (QDoRA, QLoRA)
     c.model.quantize_block = -1  # inputs per quantization scale; 0: one per output column; -1: NF4 64, int8 0

@@ -123,7 +123,9 @@ class LoadedRun:
         """(trainable, frozen, batch) -> metric(output, batch), jitted, batches split over the mesh."""
         forward = make_forward(self.model, self.adapter_cfg)
         return jax.jit(
-            lambda trainable, frozen, batch: metric(forward(trainable, frozen, batch, None), batch),
+            parallel.under_mesh(
+                lambda trainable, frozen, batch: metric(forward(trainable, frozen, batch, None), batch), self.mesh
+            ),
             in_shardings=(self.trainable_sharding, self.frozen_sharding, self.batch_sharding),
             out_shardings=parallel.replicated(self.mesh),
         )

@@ -158,7 +158,9 @@ def jit_train_step(run: runs.LoadedRun, tx: optax.GradientTransformation, metric
     state_sharding = {"step": replicated, "trainable": run.trainable_sharding, "opt_state": opt_sharding}
     forward = runs.make_forward(run.model, run.adapter_cfg)
     train_step = jax.jit(
-        optim.make_train_step(forward, tx, metrics, grad_accum=run.config.train.grad_accum),
+        parallel.under_mesh(
+            optim.make_train_step(forward, tx, metrics, grad_accum=run.config.train.grad_accum), run.mesh
+        ),
         in_shardings=(state_sharding, run.frozen_sharding, run.batch_sharding, replicated),
         out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),

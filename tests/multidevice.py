@@ -26,14 +26,16 @@ SCORED = ("one_device", "mixed")  # meshes whose sharded evaluator is compared w
 
 
 def config(mesh, method="dora", scan=False):
-    """``method``: dora, full, or folded (DoRA with ``adapter.forward="folded"``); ``scan``: the decoder
-    layers as one nn.scan (``model.scan_layers``), params and adapters stacked along ``layers``."""
+    """``method``: dora, full, folded (DoRA with ``adapter.forward="folded"``) or splash (DoRA with Pallas'
+    splash attention, in its interpreter on CPU, per shard); ``scan``: the decoder layers as one nn.scan
+    (``model.scan_layers``), params and adapters stacked along ``layers``."""
     c = run_config.defaults()
     c.model.scan_layers = scan
     c.model.hf_dir = "random"
     c.model.base.architecture.num_hidden_layers = 1  # what is sharded is the same in every layer
     c.train.finetune = "full" if method == "full" else "adapter"
     c.adapter.forward = "folded" if method == "folded" else "factored"
+    c.model.attention = "splash" if method == "splash" else "auto"
     c.train.batch_size = 16
     c.train.grad_accum = 2
     c.data.eval_batch_size = 16
@@ -57,6 +59,8 @@ def measure(mesh, method, steps=5, scores=False, scan=False):
     args = (state, training.frozen, training.batch(0), training.step_rng(0))
     compiled = training.train_step.lower(*args).compile()  # cached
     out["argument_bytes"] = compiled.memory_analysis().argument_size_in_bytes
+    if method == "splash":  # the kernel runs per shard: a shard_map (Shardy's manual computation)
+        out["per_shard"] = "manual_computation" in training.train_step.lower(*args).as_text()
     return out
 
 
@@ -107,12 +111,14 @@ if __name__ == "__main__":
     # Every sharded run is compared with DoRA's or full FT's run on one device. DoRA on the fsdp axis
     # alone and on the mixed mesh, which shards along all three (data and tensor alone add nothing the
     # mixed mesh does not cover); data and fsdp (whose memory is compared) for full FT; the mixed mesh for
-    # the folded forward (compared with factored DoRA). DoRA on fsdp runs the scanned layers (stacked
-    # kernels split along embed, the layers axis whole): its losses are compared with the unrolled ones.
+    # the folded forward and for splash attention (compared with DoRA's on one device). DoRA on fsdp runs
+    # the scanned layers (stacked kernels split along embed, the layers axis whole): its losses are
+    # compared with the unrolled ones.
     plan = {
         "dora": ["one_device", "fsdp", "mixed"],
         "full": ["one_device", "data", "fsdp"],
         "folded": ["mixed"],
+        "splash": ["mixed"],
     }
     runs = {
         f"{method}/{name}": measure(
@@ -125,6 +131,7 @@ if __name__ == "__main__":
         "losses": {key: run["losses"] for key, run in runs.items()},
         "eval_scores": {name: runs[f"dora/{name}"]["eval_scores"] for name in SCORED},
         "argument_bytes": {name: runs[f"full/{name}"]["argument_bytes"] for name in ("data", "fsdp")},
+        "splash_per_shard": runs["splash/mixed"]["per_shard"],
         "nnx_losses": {"one_device": nnx_losses((1, 1)), "mixed": nnx_losses((2, 4))},
         "mesh_error": error(dict(data=3, fsdp=1, tensor=1)),
         "batch_error": error(dict(data=8, fsdp=1, tensor=1), **{"train.batch_size": 12}),

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from dora_jax.errors import ConfigError
-from dora_jax.models.layers import attention_bias, dot_product_attention, even_lengths, resolve_attention
+from dora_jax.models.layers import (
+    attention_bias,
+    attention_mask,
+    dot_product_attention,
+    even_lengths,
+    resolve_attention,
+)
 from scripts.attention_cost import main as attention_cost
 from scripts.attention_cost import residuals
 from scripts.attention_cost import textbook_attention as reference_attention
@@ -181,7 +187,9 @@ def test_padding_odd_lengths_for_cudnn_keeps_the_values_and_gradients(key_len):
         ("gpu", jnp.float16, 64, "cudnn"),
         ("gpu", jnp.float32, 64, "xla"),  # cuDNN's fused kernel: 16-bit inputs only
         ("gpu", jnp.bfloat16, 256, "xla"),
-        ("tpu", jnp.bfloat16, 128, "xla"),
+        ("tpu", jnp.bfloat16, 128, "splash"),
+        ("tpu", jnp.float32, 256, "splash"),
+        ("tpu", jnp.bfloat16, 64, "xla"),  # splash: head dims that fill its 128 lanes
     ],
 )
 def test_auto_picks_the_implementation_per_backend(backend, dtype, head_dim, expected):
@@ -190,7 +198,9 @@ def test_auto_picks_the_implementation_per_backend(backend, dtype, head_dim, exp
 
 
 def test_an_unknown_attention_lists_the_choices():
-    with pytest.raises(ConfigError, match=r"attention: expected one of \['auto', 'recompute', 'xla', 'cudnn'\]"):
+    with pytest.raises(
+        ConfigError, match=r"attention: expected one of \['auto', 'recompute', 'xla', 'cudnn', 'splash'\]"
+    ):
         resolve_attention("flash", jnp.float32, 8)
 
 
@@ -210,3 +220,51 @@ def test_a_llama_with_xla_attention_gives_the_default_logits_also_when_decoding(
     full_mask = jnp.concatenate([mask, jnp.ones((2, 1), mask.dtype)], axis=1)
     got = [step(m, ids, attention_mask=full_mask, cache=cache, cache_index=0) for m in (ours, xla)]
     np.testing.assert_allclose(got[1], got[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "mask,heads,kv_heads",
+    [("bidirectional_padding", 4, 4), ("sliding_window", 4, 1)],  # GQA with padding: the Llama test below
+    ids=["mha", "mqa"],
+)
+def test_splash_attention_equals_the_recomputing_kernel_on_real_queries(mask, heads, kv_heads):
+    # Pallas' TPU kernel, in its interpreter on CPU; the sequence padded to its block of 128. A padding query
+    # attends padding keys there (segment ids), real keys here: its row is compared by neither loss.
+    q, k, v = operands(heads, kv_heads, jnp.float32)
+    spec = dict(MASKS[mask])
+    padding = jnp.ones((BATCH, QUERY), jnp.int32).at[1, 6:].set(0) if spec.pop("padding") else None
+    structured = attention_mask(QUERY, QUERY, padding, **spec)
+    real = (jnp.ones((BATCH, QUERY)) if padding is None else padding)[:, :, None, None]
+
+    def on_real_queries(implementation):
+        return lambda q, k, v, mask: real * dot_product_attention(q, k, v, mask, implementation)
+
+    splash = value_and_grads(on_real_queries("splash"), q, k, v, structured)
+    ours = value_and_grads(on_real_queries("recompute"), q, k, v, structured.allowed)
+    np.testing.assert_allclose(splash[0], ours[0], rtol=1e-5)
+    for got, want in zip(splash[1], ours[1], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_splash_attention_without_the_masks_structure_or_with_a_cache_offset_runs_xlas():
+    q, k, v = operands(4, 2, jnp.float32, key_len=QUERY + 5)
+    decoding = attention_mask(QUERY, QUERY + 5, None, causal=True, query_offset=5)
+    assert not decoding.aligned
+    want = dot_product_attention(q, k, v, decoding.allowed, "xla")
+    np.testing.assert_array_equal(dot_product_attention(q, k, v, decoding, "splash"), want)
+    np.testing.assert_array_equal(dot_product_attention(q, k, v, decoding.allowed, "splash"), want)
+
+
+def test_a_llama_with_splash_attention_gives_the_default_logits():
+    from conftest import TINY_LLAMA, token_batch
+    from dora_jax import models
+
+    hf = dict(TINY_LLAMA, model_type="mistral", sliding_window=5)
+    ours, splash = (models.from_hf_config(hf, attention=name) for name in ("recompute", "splash"))
+    params = models.init_params(ours, jax.random.key(0))
+    ids, mask = (jnp.asarray(a) for a in token_batch(TINY_LLAMA["vocab_size"]))
+    real = mask[..., None].astype(bool)  # right padding: a padding query's logits are not compared
+    got, want = (
+        jnp.where(real, jax.jit(m.apply)({"params": params}, ids, attention_mask=mask), 0) for m in (splash, ours)
+    )
+    np.testing.assert_allclose(got, want, atol=1e-5)

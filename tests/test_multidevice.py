@@ -22,15 +22,22 @@ def eight_devices():
     return json.loads(line.removeprefix("RESULTS "))
 
 
-@pytest.mark.parametrize("method", ["dora", "full", "folded"])
+@pytest.mark.parametrize("method", ["dora", "full", "folded", "splash"])
 def test_data_fsdp_and_tensor_meshes_give_the_losses_of_one_device(eight_devices, method):
     losses = {k.split("/")[1]: v for k, v in eight_devices["losses"].items() if k.startswith(method + "/")}
-    # The folded forward trains like the factored one: its sharded runs are compared with factored DoRA's.
-    # DoRA's fsdp run scans its layers (model.scan_layers): it trains like the unrolled one device.
-    one_device = eight_devices["losses"]["dora/one_device" if method == "folded" else f"{method}/one_device"]
+    # The folded forward and splash attention train like the factored one with the default attention: their
+    # sharded runs are compared with DoRA's. DoRA's fsdp run scans its layers (model.scan_layers): it trains
+    # like the unrolled one device.
+    one_device = eight_devices["losses"][
+        "dora/one_device" if method in ("folded", "splash") else f"{method}/one_device"
+    ]
     assert losses  # the meshes tests/multidevice.py runs this method on
     for mesh, values in losses.items():
         np.testing.assert_allclose(values, one_device, rtol=1e-5, atol=1e-5, err_msg=mesh)
+
+
+def test_splash_attention_runs_per_shard_on_a_mesh(eight_devices):
+    assert eight_devices["splash_per_shard"]  # a Pallas kernel is not partitioned by XLA: a shard_map is
 
 
 def test_sharded_evaluator_scores_like_one_device(eight_devices):

@@ -6,10 +6,12 @@ import math
 from collections.abc import Callable
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from dora_jax.errors import ConfigError
+from dora_jax.models import splash
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0)))),  # PyTorch's erf form
@@ -115,11 +117,42 @@ def attention_bias(
     return allowed
 
 
+@flax.struct.dataclass
+class AttentionMask:
+    """A mask with the structure it was built from: ``allowed`` as ``attention_bias`` gives it, and what a
+    kernel with structured masks (``models.splash``) needs instead: the (batch, key) padding mask, causal,
+    the sliding window, and whether the queries are the keys (no cache offset)."""
+
+    allowed: jax.Array
+    padding: jax.Array | None
+    causal: bool = flax.struct.field(pytree_node=False)
+    sliding_window: int | None = flax.struct.field(pytree_node=False)
+    aligned: bool = flax.struct.field(pytree_node=False)
+
+
+def attention_mask(
+    query_len: int,
+    key_len: int,
+    attention_mask: jax.Array | None,
+    *,
+    causal: bool,
+    sliding_window: int | None = None,
+    query_offset: int | jax.Array = 0,
+) -> AttentionMask:
+    """``attention_bias`` with its structure kept (``AttentionMask``)."""
+    allowed = attention_bias(
+        query_len, key_len, attention_mask, causal=causal, sliding_window=sliding_window, query_offset=query_offset
+    )
+    aligned = query_len == key_len and isinstance(query_offset, int) and query_offset == 0
+    return AttentionMask(allowed, attention_mask, causal, sliding_window, aligned)
+
+
 # How attention is computed (``model.attention``): "recompute", the custom-VJP kernel below (no
 # query x key array kept for the backward; what XLA:CPU runs best); "xla" and "cudnn",
 # ``jax.nn.dot_product_attention``'s implementations (cuDNN's fused flash attention on NVIDIA GPUs);
-# "auto" picks per backend when the model is traced (``resolve_attention``).
-ATTENTIONS = ("auto", "recompute", "xla", "cudnn")
+# "splash", Pallas' splash attention for TPUs (``models.splash``); "auto" picks per backend when the
+# model is traced (``resolve_attention``).
+ATTENTIONS = ("auto", "recompute", "xla", "cudnn", "splash")
 
 
 def check_attention(attention: str) -> None:
@@ -130,8 +163,8 @@ def check_attention(attention: str) -> None:
 
 def resolve_attention(attention: str, dtype, head_dim: int, backend: str | None = None) -> str:
     """The implementation ``attention`` names on ``backend`` (default: JAX's): "auto" is cuDNN on a GPU
-    for 16-bit compute and head dims it fuses (multiples of 8 up to 128), XLA's on other accelerators,
-    the recomputing kernel on CPU."""
+    for 16-bit compute and head dims it fuses (multiples of 8 up to 128), splash attention on a TPU for
+    head dims that are multiples of 128, XLA's otherwise on an accelerator, the recomputing kernel on CPU."""
     check_attention(attention)
     if attention != "auto":
         return attention
@@ -139,6 +172,8 @@ def resolve_attention(attention: str, dtype, head_dim: int, backend: str | None 
     if backend == "cpu":
         return "recompute"
     fused = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0
+    if backend == "tpu" and splash.supported(head_dim):
+        return "splash"
     return "cudnn" if backend == "gpu" and fused and head_dim <= 128 else "xla"
 
 
@@ -164,15 +199,26 @@ def even_lengths(
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, implementation: str = "recompute"
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    allowed: jax.Array | AttentionMask,
+    implementation: str = "recompute",
 ) -> jax.Array:
     """Softmax attention with grouped key/value heads, scores and softmax in (at least) float32.
 
     q: (batch, query, heads, head_dim); k, v: (batch, key, kv_heads, head_dim) with heads a
-    multiple of kv_heads; allowed: boolean, broadcastable to (batch, 1, query, key).
+    multiple of kv_heads; allowed: boolean, broadcastable to (batch, 1, query, key), or an
+    ``AttentionMask`` (which "splash" needs: without one, or with a cache offset, XLA's runs instead).
     ``implementation``: an entry of ``ATTENTIONS`` ("auto" resolved by ``resolve_attention``).
     """
     implementation = resolve_attention(implementation, q.dtype, q.shape[-1])
+    mask = allowed if isinstance(allowed, AttentionMask) else None
+    allowed = allowed.allowed if mask is not None else allowed
+    if implementation == "splash":
+        if mask is not None and mask.aligned:
+            return splash.splash_attention(q, k, v, mask)
+        implementation = "xla"  # decoding with a cache: one query row at a time, no kernel to win
     if implementation != "recompute":  # k, v of a cache may be wider than the compute dtype
         query_len = q.shape[1]
         if implementation == "cudnn":

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dora_jax.errors import ConfigError
+from dora_jax.models import layers
 from dora_jax.models.layers import (
     RMSNorm,
     activation,
-    attention_bias,
     check_attention,
     dense,
     dot_product_attention,
@@ -269,7 +269,7 @@ class LlamaForCausalLM(nn.Module):
     param_dtype: Any = jnp.float32
     remat: str = "none"  # training: recompute each layer in the backward pass ("full" or "dots"; see REMAT)
     scan_layers: bool = False  # one nn.scan over stacked decoder layers (params under "layers", see stacking)
-    attention: str = "auto"  # recompute | xla | cudnn | auto (layers.ATTENTIONS, resolve_attention)
+    attention: str = "auto"  # recompute | xla | cudnn | splash | auto (layers.ATTENTIONS, resolve_attention)
 
     def __post_init__(self):
         if self.remat not in REMAT:
@@ -285,7 +285,7 @@ class LlamaForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(seq) + cache_index, (batch, seq))
         keys = seq if cache is None else cache[0][0].shape[1]
-        allowed = attention_bias(
+        allowed = layers.attention_mask(
             seq, keys, attention_mask, causal=True, sliding_window=cfg.sliding_window, query_offset=cache_index
         )
         embedding = embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), name="embed_tokens", **kw)
