@@ -60,8 +60,10 @@ def _global_batch(rows: dict[str, np.ndarray], sharding: Any, global_rows: int) 
 
 
 def count_params(tree: Any) -> int:
-    """Parameters in ``tree``; a quantized kernel counts as its weights (not its codes and scales)."""
-    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree, is_leaf=quantize.is_quantized)))
+    """Parameters in ``tree``; a quantized kernel counts as its weights (not its codes and scales), and not at
+    all where it holds no arrays (the trainable tree's shell of a frozen quantized kernel)."""
+    leaves = jax.tree.leaves(tree, is_leaf=quantize.is_quantized)
+    return int(sum(np.prod(x.shape) for x in leaves if not quantize.is_quantized(x) or jax.tree.leaves(x)))
 
 
 @dataclasses.dataclass

@@ -307,6 +307,9 @@ def test_a_qdora_run_trains_and_its_merged_export_is_the_adapted_quantized_model
     assert summary["after"]["loss"] < summary["before"]["loss"]
     run = runs.load(tmp_path)  # resumes on the quantized base: the config says so
     assert q.is_quantized(run.frozen["layers_0"]["self_attn"]["o_proj"]["kernel"])
+    # the adapters alone train: the frozen quantized kernels count once, in the total
+    assert summary["trainable_params"] == train.count_params(run.trainable["adapters"])
+    assert summary["total_params"] == train.count_params(run.frozen) + summary["trainable_params"]
     model, merged = io.load_hf(tmp_path / "merged")  # every kernel dequantized, the adapters folded in
     ids = jnp.asarray(data.make_source(run.config).eval_batches()[0]["inputs"][:4])
     adapted = jax.jit(runs.lm_forward(run.model, run.adapter_cfg))((run.frozen, run.trainable), ids)
