@@ -6,7 +6,7 @@
 # loss in the same round-robin loop; tokens/s, MFU (compiled FLOPs over the device's bfloat16 peak,
 # 'auto' from its device_kind), peak memory; the train step's compile time for 32 layers unrolled and
 # scanned (model.scan_layers, scripts/compile_time.py); the Llama rows again with XLA's attention in
-# place of "auto" (cuDNN's on a GPU); QLoRA and QDoRA (an NF4 base) beside them; the memory plan
+# place of "auto" (cuDNN's on a GPU, splash on a TPU); QLoRA and QDoRA (an NF4 base) beside them; the memory plan
 # (scripts/memory_plan.py) of the paper's Llama-3-8B DoRA r=32 run (batch 16 x 256, bfloat16, scanned
 # layers) compiled for this device, QDoRA and DoRA, remat full and none. Writes DIR/device_check.{json,md},
 # DIR/compile_time.{json,md}, DIR/attention_xla.{json,md} and DIR/memory_plan.{jsonl,md}, and each stage's
@@ -67,7 +67,7 @@ stage benchmark "$python" -m scripts.benchmark --models llama "${shape[@]}" --pa
 stage compile_time "$python" -m scripts.compile_time "${compile[@]}" \
   --json "$out/compile_time.json" --markdown "$out/compile_time.md"
 # The same Llama rows with XLA's attention (model.attention=xla) beside the main run's "auto" (cuDNN's
-# fused attention on a GPU in bfloat16, the recomputing kernel on CPU).
+# fused attention on a GPU in bfloat16, Pallas' splash attention on a TPU, the recomputing kernel on CPU).
 stage attention_xla "$python" -m scripts.benchmark --models llama "${shape[@]}" --paths factored \
   --variants dora_exact --peak-tflops auto --attention xla --compile-layers 0 \
   --json "$out/attention_xla.json" --markdown "$out/attention_xla.md"

@@ -95,6 +95,15 @@ def test_the_variants_sweep_holds_every_method_as_a_valid_point():
     assert sum("adapter.magnitude_targets" in p for p in points) == 3
 
 
+@pytest.mark.parametrize("name", ["quantized.py", "quantized_minilm.py"])
+def test_the_quantized_sweeps_run_one_dora_point_per_base_format(name):
+    overrides = {"model.hf_dir": "/m", "data.path": "/d"} if "minilm" in name else {}
+    base, points = sweep.load(str(ROOT / "configs" / "sweeps" / name), overrides)
+    configs = sweep.check(base, points)
+    assert [c.model.quantize for c in configs] == ["none", "nf4", "int8"]
+    assert {(c.train.finetune, c.adapter.method) for c in configs} == {("adapter", "dora")}
+
+
 def test_every_point_runs_in_its_directory_and_a_failure_is_recorded(swept):
     _, workdir, statuses = swept
     assert list(statuses.values()) == ["done"] * 2 + ["failed"]
