@@ -197,6 +197,14 @@ def test_auto_picks_the_implementation_per_backend(backend, dtype, head_dim, exp
     assert resolve_attention("xla", dtype, head_dim, backend) == "xla"  # a named one is kept
 
 
+def test_splash_attention_on_a_gpu_names_the_gpus_choices():
+    with pytest.raises(
+        ConfigError, match=r"'splash' is Pallas' TPU kernel .* on a GPU choose 'cudnn', 'xla' or 'auto'"
+    ):
+        resolve_attention("splash", jnp.bfloat16, 128, "gpu")
+    assert resolve_attention("splash", jnp.float32, 16, "cpu") == "splash"  # Pallas' interpreter (the tests)
+
+
 def test_an_unknown_attention_lists_the_choices():
     with pytest.raises(
         ConfigError, match=r"attention: expected one of \['auto', 'recompute', 'xla', 'cudnn', 'splash'\]"

@@ -164,11 +164,18 @@ def check_attention(attention: str) -> None:
 def resolve_attention(attention: str, dtype, head_dim: int, backend: str | None = None) -> str:
     """The implementation ``attention`` names on ``backend`` (default: JAX's): "auto" is cuDNN on a GPU
     for 16-bit compute and head dims it fuses (multiples of 8 up to 128), splash attention on a TPU for
-    head dims that are multiples of 128, XLA's otherwise on an accelerator, the recomputing kernel on CPU."""
+    head dims that are multiples of 128, XLA's otherwise on an accelerator, the recomputing kernel on CPU.
+    "splash" on a GPU is a ConfigError (Pallas' TPU kernel would run in its interpreter there; on CPU it
+    does, for tests)."""
     check_attention(attention)
+    backend = backend or jax.default_backend()
+    if attention == "splash" and backend == "gpu":
+        raise ConfigError(
+            "attention 'splash' is Pallas' TPU kernel (a GPU would run it in Pallas' interpreter): on a GPU "
+            "choose 'cudnn', 'xla' or 'auto'"
+        )
     if attention != "auto":
         return attention
-    backend = backend or jax.default_backend()
     if backend == "cpu":
         return "recompute"
     fused = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0
