@@ -6,9 +6,10 @@ static (causal, or a local window) and padding becomes segment ids: a real query
 only, a padding query padding keys only (so no row is empty; its output is dropped anyway). Grouped
 key/value heads run the multi-query kernel once per key/value head. Sequences are padded to a multiple
 of 128 (the kernel's block), the padding as one more segment. Off a TPU the kernel runs in Pallas'
-interpreter (slow; what the CPU tests check it with). Under a mesh set with ``jax.sharding.use_mesh``
-(the training step sets it, ``runs.LoadedRun``) the kernel runs per shard in a ``shard_map``: the
-batch split over the mesh's data and fsdp axes, heads over its tensor axis where they divide.
+interpreter (slow; what the CPU tests check it with). Traced under an abstract mesh of more than one
+device (``jax.sharding.use_abstract_mesh``: the train and scoring steps set theirs, ``parallel.under_mesh``)
+the kernel runs per shard in a ``shard_map``: the batch split over the mesh's data and fsdp axes, heads
+over its tensor axis where they divide.
 """
 
 from __future__ import annotations
