@@ -12,10 +12,11 @@ lookup) ``core.embed.lookup``. The kernel may reach its product through reshapes
 transposes and dtype casts that keep its input and output elements apart: their index arithmetic is
 replayed on the kernel's element numbers (numpy, at trace time) to find which matrix rows and columns
 the product reads. Calls to nested jitted functions are evaluated the same way, a remat (``jax.checkpoint``,
-``nnx.remat``) under its own policy. Any other use of a
-targeted leaf (a reduction, a scan or custom-derivative call that receives it, an output) reads the merged
-W' instead, so the result is the same either way; ``fallback="error"`` (``AdapterConfig.fallback``)
-turns that into an InjectError naming the leaf and the operation.
+``nnx.remat``) under its own policy, a ``scan`` over a kernel stacked along leading layer axes
+(``cfg.stacked_axes``) with each iteration handed its layer's kernel and adapter. Any other use of a
+targeted leaf (a reduction, a custom-derivative call that receives it, a stacked kernel outside a scan, an
+output) reads the merged W' instead, so the result is the same either way; ``fallback="error"``
+(``AdapterConfig.fallback``) turns that into an InjectError naming the leaf and the operation.
 
 A quantized kernel (``core.quantize.QuantizedKernel``, targeted or not) is traced as the array it stands
 for and dequantized inside each equation that reads it, under a remat that saves only the adapted layers'
@@ -49,7 +50,7 @@ from dora_jax.core import (
     quantize,
     vera,
 )
-from dora_jax.core.adapters import matched_entries
+from dora_jax.core.adapters import matched_entries, per_layer
 from dora_jax.core.dora import saved_activations
 from dora_jax.errors import InjectError
 
@@ -69,6 +70,8 @@ class _Kernel:
     leaf: Any
     value: jax.Array | None
     moves: tuple[tuple[Any, Any], ...] = ()
+    stacked: int = 0  # leading axes of ``leaf`` that index layers (AdapterConfig.stacked_axes) not yet scanned over
+    entry: dict | None = None  # a scanned slice's own adapter (else the path's)
 
 
 def inject_fn(fn: Callable, cfg: AdapterConfig) -> Callable:
@@ -91,7 +94,11 @@ def inject_fn(fn: Callable, cfg: AdapterConfig) -> Callable:
         shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) if quantize.is_quantized(x) else x for x in leaves]
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(shapes, args)
         inputs = [
-            _Kernel(p, leaf, None) if quantize.is_quantized(leaf) else _Kernel(p, leaf, leaf) if p in entries else leaf
+            _Kernel(p, leaf, None, stacked=cfg.stacked_for(p) if p in entries else 0)
+            if quantize.is_quantized(leaf)
+            else _Kernel(p, leaf, leaf, stacked=cfg.stacked_for(p))
+            if p in entries
+            else leaf
             for p, leaf in zip(paths, leaves, strict=True)
         ]
         inputs += jax.tree.leaves(args)
@@ -146,11 +153,15 @@ class _Evaluator:
             return self.run(eqn.params.get("jaxpr", eqn.params.get("call_jaxpr")), values)
         if name in ("checkpoint", "remat2"):  # jax.checkpoint / nnx.remat / eqx.filter_checkpoint around a kernel's use
             return self.remat(eqn, values)
+        if name == "scan":
+            return self.scan(eqn, values)
         if any(k.value is None for k in kernels):
             return self.dequantizing(eqn, values)
         reason = f"is read by {name}"
         route = {"dot_general": self.dot, "conv_general_dilated": self.conv, "gather": self.gather}.get(name)
-        if route is not None and len(kernels) == 1:
+        if route is not None and any(k.stacked for k in kernels):
+            reason = f"is stacked along leading layer axes (stacked_axes) and read by {name} outside a scan over them"
+        elif route is not None and len(kernels) == 1:
             routed = route(eqn, values)
             if not isinstance(routed, str):
                 return routed
@@ -180,6 +191,44 @@ class _Evaluator:
             plain[j] = dataclasses.replace(handed_back[j], leaf=leaf, value=value)
         return plain
 
+    def scan(self, eqn, values):
+        """A ``lax.scan`` (``nnx.scan``, ...) whose scanned inputs include a stacked kernel: the body evaluated
+        here, each iteration handed the kernel's next layer and that layer's adapter. A kernel it closes over
+        stays itself; one in the carry, or stacked but moved before the scan, reads W'."""
+        params = eqn.params
+        consts, count = params["num_consts"], params["num_carry"]
+        carry = [self.concrete(v, "is carried by a scan") for v in values[consts : consts + count]]
+        xs, sliced = list(values[consts + count :]), {}
+        for i, value in enumerate(xs):
+            if isinstance(value, _Kernel):
+                if value.stacked and value.value is not None and not _moved(value):
+                    sliced[i] = value
+                    xs[i] = (value.leaf, self.entry(value))
+                else:
+                    reason = "is scanned over without stacked_axes saying its leading axis indexes layers"
+                    xs[i] = self.concrete(value, reason if not value.stacked else "is moved or quantized before a scan")
+        base_rng = self.dropout_rng
+
+        def body(carry, x):
+            *x, index = x
+            for i, kernel in sliced.items():
+                leaf, entry = x[i]
+                x[i] = dataclasses.replace(kernel, leaf=leaf, value=leaf, stacked=kernel.stacked - 1, entry=entry)
+            if base_rng is not None:  # each layer its own dropout masks
+                self.dropout_rng = jax.random.fold_in(base_rng, index)
+            try:
+                outs = self.run(params["jaxpr"], [*values[:consts], *carry, *x])
+            finally:
+                self.dropout_rng = base_rng
+            outs = [self.concrete(out, "is an output of a scan's body") for out in outs]
+            return outs[:count], outs[count:]
+
+        steps = jnp.arange(params["length"])
+        carry, ys = jax.lax.scan(
+            body, carry, [*xs, steps], length=params["length"], reverse=params["reverse"], unroll=params["unroll"]
+        )
+        return [*carry, *ys]
+
     def dequantizing(self, eqn, values):
         """The equation with its quantized kernels dequantized inside it, under a remat that saves only the
         adapted layers' named activations (``core.dora.SAVED_ACTIVATIONS``; a frozen layer's: none): the
@@ -207,11 +256,18 @@ class _Evaluator:
         if value.path in self.entries:
             if self.cfg.fallback == "error":
                 raise InjectError(f"{value.path}: {reason}; inject_fn merges it there unless fallback='error'")
-            leaf = merge_kernel(leaf, self.entries[value.path], self.cfg, self.axes(value), self.projection)
+            axes, projection = self.axes(value), self.projection
+            merged = per_layer(lambda w, entry: merge_kernel(w, entry, self.cfg, axes, projection), value.stacked)
+            leaf = merged(leaf, self.entry(value))
         return _moved_value(leaf, value.moves, casts=True)
 
+    def entry(self, kernel: _Kernel) -> dict:
+        """The adapter of ``kernel``: its path's, or a scanned layer's own."""
+        return self.entries[kernel.path] if kernel.entry is None else kernel.entry
+
     def axes(self, kernel: _Kernel) -> tuple[int, ...]:
-        return self.cfg.axes_for(kernel.path, tuple(kernel.leaf.shape))
+        """The input axes of one layer of ``kernel`` (all of it, unstacked)."""
+        return self.cfg.axes_for(kernel.path, tuple(kernel.leaf.shape[kernel.stacked :]))
 
     def dropout_key(self) -> jax.Array | None:
         """The next adapted call's dropout key (each call folds its own)."""
@@ -220,7 +276,7 @@ class _Evaluator:
 
     def matrices(self, kernel: _Kernel):
         layout = kernel_layout(tuple(kernel.leaf.shape), self.axes(kernel))
-        return layout, layout.adapter_matrices(self.entries[kernel.path], self.projection)
+        return layout, layout.adapter_matrices(self.entry(kernel), self.projection)
 
     def conv(self, eqn, values):
         """``core.conv.factored_conv`` for a convolution over a targeted kernel in Flax's layout

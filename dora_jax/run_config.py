@@ -40,6 +40,7 @@ def adapter_defaults() -> ml_collections.ConfigDict:
     for field in dataclasses.fields(AdapterConfig):
         values[field.name] = PAPER_TARGETS if field.name == "targets" else field.default
     values["input_axes"] = {}  # {regex: axes} in a config; the dataclass stores it as pairs
+    values["stacked_axes"] = {}  # {regex: count}, likewise
     return ml_collections.ConfigDict(values)
 
 
@@ -132,11 +133,14 @@ def defaults() -> ml_collections.ConfigDict:
     return c
 
 
+DICT_VALUES = ("architecture", "input_axes", "stacked_axes")  # keys whose value is a dict, not a section
+
+
 def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in config.items():
         path = f"{prefix}{key}"
-        if isinstance(value, ml_collections.ConfigDict) and not path.endswith(("architecture", "input_axes")):
+        if isinstance(value, ml_collections.ConfigDict) and not path.endswith(DICT_VALUES):
             out.update(_flatten(value, path + "."))
         else:
             out[path] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
@@ -175,6 +179,11 @@ def check(config: ml_collections.ConfigDict) -> None:
     if config.adapter.method == "full" and config.train.finetune != "full":
         raise ConfigError("adapter.method='full': full fine-tuning is train.finetune='full' (adapter.* then unused)")
     adapter = adapter_config(config)  # AdapterConfig validates its fields, naming the field and the choices
+    if adapter is not None and adapter.stacked_axes:
+        raise ConfigError(
+            "adapter.stacked_axes is for dj.inject_fn over a model of stacked kernels; the zoo's models keep one "
+            "kernel per layer (model.scan_layers stacks them itself): leave adapter.stacked_axes={}"
+        )
     if adapter is not None and adapter.method == "dvora" and config.export.peft:
         raise ConfigError(
             "adapter.method='dvora' with export.peft=True: PEFT has no DVoRA; set export.peft=False "
@@ -287,12 +296,13 @@ def upgrade(values: dict[str, Any]) -> dict[str, Any]:
     full fine-tuning before ``train.finetune`` existed; ``train.decay_magnitude`` (decay m with
     ``train.weight_decay`` or not) before ``train.magnitude_weight_decay``; ``model.scan_layers`` and
     ``model.attention`` did not exist (layers unrolled, attention as "auto" computes it on CPU), nor
-    ``model.quantize`` / ``model.quantize_block`` (an unquantized base)."""
+    ``model.quantize`` / ``model.quantize_block`` (an unquantized base), nor ``adapter.stacked_axes``."""
     values = dict(values)
     values.setdefault("model.scan_layers", False)  # before scanned layers, every run unrolled them
     values.setdefault("model.attention", "auto")  # and attention as "auto" computes it on CPU
     values.setdefault("model.quantize", "none")  # and the base unquantized
     values.setdefault("model.quantize_block", -1)
+    values.setdefault("adapter.stacked_axes", {})  # and no kernel stacked
     if "train.decay_magnitude" in values:
         decays = values.pop("train.decay_magnitude")
         values["train.magnitude_weight_decay"] = values.get("train.weight_decay", 0.0) if decays else 0.0

@@ -67,7 +67,52 @@ def equinox_case(dtype):
     return fn, params, (x,), dict(targets=r"layers/\d+/weight", input_axes={r".*weight": (1,)})  # (out, in)
 
 
-CASES = {"nnx": nnx_case, "plain_jax": plain_case, "equinox": equinox_case}
+class Block(nnx.Module):
+    def __init__(self, dtype, rngs):
+        self.linear = nnx.Linear(8, 8, param_dtype=dtype, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return jnp.tanh(self.linear(x))
+
+
+class Scanned(nnx.Module):
+    """Three blocks made with nnx.vmap (kernels stacked (3, 8, 8)) and run with nnx.scan, then a head."""
+
+    def __init__(self, dtype, rngs):
+        self.blocks = nnx.vmap(lambda key: Block(dtype, nnx.Rngs(key)))(jax.random.split(jax.random.key(5), 3))
+        self.head = nnx.Linear(8, 4, param_dtype=dtype, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        step = nnx.scan(lambda x, block: block(x), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        return self.head(step(x, self.blocks))
+
+
+def nnx_scan_case(dtype):
+    graph, state = nnx.split(Scanned(dtype, nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(2), (3, 8), dtype)
+    return lambda p, x: nnx.merge(graph, p)(x), state, (x,), dict(targets=r".*/kernel", stacked_axes={"blocks/.*": 1})
+
+
+def jax_scan_case(dtype):
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = {"layers": {"w": jax.random.normal(keys[0], (3, 8, 8), dtype) / 3, "b": jnp.zeros((3, 8), dtype)}}
+    params["head"] = jax.random.normal(keys[1], (8, 4), dtype)
+
+    def fn(params, x):  # lax.scan over the stacked layers
+        h, _ = jax.lax.scan(lambda h, layer: (jnp.tanh(h @ layer["w"] + layer["b"]), None), x, params["layers"])
+        return h @ params["head"]
+
+    x = jax.random.normal(keys[2], (3, 8), dtype)
+    return fn, params, (x,), dict(targets=r"layers/w|head", stacked_axes={"layers/w": 1})
+
+
+CASES = {
+    "nnx": nnx_case,
+    "plain_jax": plain_case,
+    "equinox": equinox_case,
+    "nnx_scan": nnx_scan_case,
+    "jax_scan": jax_scan_case,
+}
 
 
 @pytest.mark.parametrize("method", ["dora", "lora"])
@@ -291,3 +336,58 @@ def test_a_kernel_convolved_as_the_input_is_merged_there_or_named_with_fallback_
     np.testing.assert_allclose(dj.inject_fn(fn, cfg)(params, adapters, x), merged, rtol=1e-5, atol=1e-5)
     with pytest.raises(dj.InjectError, match="^w: is read by a convolution that is not Flax's"):
         dj.inject_fn(fn, dj.AdapterConfig(rank=2, targets="w", fallback="error"))(params, adapters, x)
+
+
+def test_a_stacked_kernel_gets_one_adapter_per_layer_merged_as_that_layer_alone():
+    fn, params, args, kw = jax_scan_case(jnp.float32)
+    cfg = dj.AdapterConfig(rank=2, **kw)
+    adapters = perturb(dj.init_adapters(jax.random.key(1), params, cfg))
+    stacked = adapters["layers"]["w"]
+    assert {k: v.shape for k, v in stacked.items()} == {"a": (3, 8, 2), "b": (3, 2, 8), "m": (3, 8)}
+    assert not np.allclose(stacked["a"][0], stacked["a"][1])  # each layer its own initial A
+    merged = dj.merge(params, adapters, cfg)["layers"]["w"]
+    alone = dj.AdapterConfig(rank=2, targets="w")
+    for layer in range(3):
+        one = dj.merge({"w": params["layers"]["w"][layer]}, {"w": {k: v[layer] for k, v in stacked.items()}}, alone)
+        np.testing.assert_allclose(merged[layer], one["w"], rtol=1e-6)
+
+
+def test_a_scan_over_stacked_kernels_trains_with_fewer_flops_than_the_merge():
+    fn, params, args, kw = jax_scan_case(jnp.float32)
+    cfg = dj.AdapterConfig(rank=2, fallback="error", **kw)
+    adapters = dj.init_adapters(jax.random.key(1), params, cfg)
+
+    def flops(apply):
+        return jax.jit(jax.grad(lambda a: jnp.sum(apply(a) ** 2))).lower(adapters).compile().cost_analysis()["flops"]
+
+    assert flops(lambda a: dj.inject_fn(fn, cfg)(params, a, *args)) < flops(
+        lambda a: fn(dj.merge(params, a, cfg), *args)
+    )
+
+
+def test_a_stacked_kernel_read_outside_a_scan_is_merged_there_or_named_with_fallback_error():
+    def fn(params, x):  # every layer at once, an einsum over the stack
+        return jnp.einsum("bi,lio->blo", x, params["w"])
+
+    params, x = {"w": jax.random.normal(jax.random.key(0), (3, 4, 5))}, jnp.ones((2, 4))
+    cfg = dj.AdapterConfig(rank=2, targets="w", stacked_axes={"w": 1})
+    adapters = perturb(dj.init_adapters(jax.random.key(1), params, cfg))
+    np.testing.assert_allclose(
+        dj.inject_fn(fn, cfg)(params, adapters, x), fn(dj.merge(params, adapters, cfg), x), rtol=1e-6
+    )
+    strict = dj.AdapterConfig(rank=2, targets="w", stacked_axes={"w": 1}, fallback="error")
+    with pytest.raises(dj.InjectError, match=r"^w: is stacked along leading layer axes .* outside a scan"):
+        dj.inject_fn(fn, strict)(params, adapters, x)
+
+
+def test_stacked_axes_errors_name_the_problem(tmp_path):
+    with pytest.raises(dj.ConfigError, match=r"stacked_axes needs method 'dora' or 'lora'; got method='vera'"):
+        dj.AdapterConfig(method="vera", targets="w", stacked_axes={"w": 1})
+    with pytest.raises(dj.ConfigError, match=r"stacked_axes\['w'\]: expected a positive number of leading axes"):
+        dj.AdapterConfig(targets="w", stacked_axes={"w": 0})
+    cfg = dj.AdapterConfig(rank=2, targets="w", stacked_axes={"w": 1})
+    params = {"w": jnp.ones((3, 4, 5))}
+    with pytest.raises(dj.ConfigError, match=r"\['w'\] hold stacks of layers .* PEFT names one module per layer"):
+        dj.io.export_peft(
+            dj.init_adapters(jax.random.key(0), params, cfg), cfg, tmp_path, modules={"w": "w"}, params=params
+        )

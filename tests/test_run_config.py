@@ -21,6 +21,10 @@ ERRORS = [
     ({"model.quantize": "nf4", "model.quantize_block": 0}, r"quantize='nf4' needs a block size >= 1 .*; got 0"),
     ({"model.quantize_block": -2, "model.quantize": "int8"}, r"quantize block size: expected >= 0 .*; got -2"),
     ({"model.quantize": "int8", "train.finetune": "full"}, r"model.quantize='int8' with train.finetune='full'"),
+    (
+        {"adapter.stacked_axes": {"w": 1}},
+        r"adapter.stacked_axes is for dj.inject_fn .* leave adapter.stacked_axes=\{\}",
+    ),
 ]
 
 

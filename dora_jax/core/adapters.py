@@ -10,6 +10,7 @@ projections once, under ``core.vera.PROJECTION``.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -114,10 +115,17 @@ def init_adapters(rng: jax.Array, params: Any, cfg: AdapterConfig) -> dict[str, 
             f"AdapterConfig: {both} match both targets and magnitude_targets; a magnitude-only module "
             "trains no A and B, so the two sets must be disjoint"
         )
+
+    def init(path: str, kernel: Any) -> Adapter:
+        key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
+        if path in selected:
+            return per_layer(lambda key, kernel: init_adapter(key, kernel, cfg, path), cfg.stacked_for(path))(
+                _layer_keys(key, kernel.shape[: cfg.stacked_for(path)]), kernel
+            )
+        return per_layer(lambda kernel: init_magnitude(kernel, cfg, path), cfg.stacked_for(path))(kernel)
+
     flat = {
-        path: init_adapter(jax.random.fold_in(rng, zlib.crc32(path.encode())), kernel, cfg, path)
-        if path in selected
-        else init_magnitude(kernel, cfg, path)
+        path: init(path, kernel)
         for path, kernel in targets.leaves_by_path(params).items()
         if path in selected or path in magnitudes
     }
@@ -131,8 +139,41 @@ def init_adapters(rng: jax.Array, params: Any, cfg: AdapterConfig) -> dict[str, 
     return adapters
 
 
+def per_layer(fn: Any, stacked: int) -> Any:
+    """``fn`` mapped over ``stacked`` leading axes of all its arguments (a stack of layers,
+    ``AdapterConfig.stacked_axes``): each layer's kernel gets its own adapter; ``fn`` itself for 0."""
+    for _ in range(stacked):
+        fn = jax.vmap(fn)
+    return fn
+
+
+def _layer_keys(key: jax.Array, stack: tuple[int, ...]) -> jax.Array:
+    """One key per layer of a stack of shape ``stack`` (``key`` itself for none)."""
+    if not stack:
+        return key
+    keys = jax.random.split(key, math.prod(stack))
+    return keys.reshape(*stack, *keys.shape[1:])
+
+
 def check_adapter(path: str, kernel: jax.Array, adapter: Adapter, cfg: AdapterConfig) -> None:
-    """Raises ShapeError when ``adapter`` does not fit ``kernel`` under ``cfg``."""
+    """Raises ShapeError when ``adapter`` does not fit ``kernel`` under ``cfg`` (a stacked kernel: its
+    adapter stacked alike, each layer's adapter fitting the layer's kernel)."""
+    stacked = cfg.stacked_for(path)
+    if stacked:
+        stack = tuple(kernel.shape[:stacked])
+        if len(kernel.shape) < stacked + 2:
+            raise ShapeError(
+                f"stacked_axes gives {path!r} {stacked} leading layer axes; its kernel of shape {tuple(kernel.shape)} "
+                "then has fewer than two axes per layer"
+            )
+        for key, value in adapter.items():
+            if tuple(value.shape[:stacked]) != stack:
+                raise ShapeError(
+                    f"adapter {path}/{key} has shape {tuple(value.shape)}; the kernel's {stacked} stacked axes need "
+                    f"it to start with {stack}"
+                )
+        kernel = jax.ShapeDtypeStruct(tuple(kernel.shape[stacked:]), jnp.float32)
+        adapter = {key: jax.ShapeDtypeStruct(tuple(v.shape[stacked:]), v.dtype) for key, v in adapter.items()}
     layout = kernel_layout(kernel.shape, cfg.axes_for(path, tuple(kernel.shape)))
     if "lambda_d" in adapter:
         _check_vectors(path, kernel, adapter, cfg, layout)
@@ -229,6 +270,8 @@ def merge(params: Any, adapters: Any, cfg: AdapterConfig) -> Any:
         if path not in entries:
             return leaf
         kernel = quantize.dequantized(leaf)  # W' of a quantized W0 is built from its dequantized values
-        return merge_kernel(kernel, entries[path], cfg, cfg.axes_for(path, tuple(leaf.shape)), projection)
+        stacked = cfg.stacked_for(path)
+        axes = cfg.axes_for(path, tuple(leaf.shape[stacked:]))
+        return per_layer(lambda w, entry: merge_kernel(w, entry, cfg, axes, projection), stacked)(kernel, entries[path])
 
     return jax.tree_util.tree_map_with_path(replace, params, is_leaf=targets.is_parameter_node)

@@ -27,6 +27,16 @@ def _choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"AdapterConfig.{field}: expected one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
+def _rules(field: str, rules: Any, what: str) -> list[tuple[str, Any]]:
+    """The (regex, value) pairs of a ``{regex: value}`` field (a mapping or pairs), each regex checked."""
+    pairs = list(rules.items() if isinstance(rules, Mapping) else rules)
+    for rule in pairs:
+        if not (isinstance(rule, tuple | list) and len(rule) == 2):
+            raise ConfigError(f"AdapterConfig.{field}: expected {{regex: {what}}} pairs; got {rule!r}")
+        _regex(field, rule[0])
+    return [tuple(rule) for rule in pairs]
+
+
 def _regex(field: str, pattern: Any) -> None:
     if not isinstance(pattern, str) or not pattern:
         raise ConfigError(f"AdapterConfig.{field}: expected a non-empty regex string; got {pattern!r}")
@@ -64,6 +74,11 @@ class AdapterConfig:
       input_axes: for kernels with more than two axes, {regex: axes} naming the input
         (contracted) axes of the kernels whose path the regex matches in full; the first
         matching rule wins. Two-axis kernels default to (0,), the Flax (d_in, d_out) layout.
+      stacked_axes: for kernels stacked along leading axes (layers scanned with ``lax.scan``,
+        ``nnx.scan``), {regex: n}: the first n axes of the kernels whose path the regex matches in
+        full index the layers. Each layer gets its own adapter, stacked along the same axes, and
+        ``input_axes`` name the axes of one layer's kernel; ``inject_fn`` hands a scan over the
+        stack each layer's slice. The first matching rule wins; other kernels have none.
       forward: how ``inject`` runs an adapted layer. "factored": (m/n) (x W0 + s (x A) B), no
         d_in x d_out temporary. "folded": s A B is added to the kernel one layer at a time and
         a custom VJP gives the A, B, m gradients without the weight-gradient matmul; two fewer
@@ -89,6 +104,7 @@ class AdapterConfig:
     init: str = "kaiming_uniform"
     dtype: str = "float32"
     input_axes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    stacked_axes: tuple[tuple[str, int], ...] = ()
     forward: str = "factored"
     fallback: str = "merge"
     projection_seed: int = 0
@@ -129,6 +145,7 @@ class AdapterConfig:
         self._normalise_magnitude_targets()
         self._normalise_dtype()
         self._normalise_input_axes()
+        self._normalise_stacked_axes()
 
     def _normalise_targets(self) -> None:
         targets = (self.targets,) if isinstance(self.targets, str) else self.targets
@@ -174,24 +191,39 @@ class AdapterConfig:
         object.__setattr__(self, "dtype", dtype.name)
 
     def _normalise_input_axes(self) -> None:
-        rules = self.input_axes.items() if isinstance(self.input_axes, Mapping) else self.input_axes
         normalised = []
-        for rule in rules:
-            if not (isinstance(rule, tuple | list) and len(rule) == 2):
-                raise ConfigError(f"AdapterConfig.input_axes: expected {{regex: axes}} pairs; got {rule!r}")
-            pattern, axes = rule
-            _regex("input_axes", pattern)
-            axes = (axes,) if isinstance(axes, int) else tuple(axes)
+        for pattern, axes in _rules("input_axes", self.input_axes, "axes"):
+            given, axes = axes, (axes,) if isinstance(axes, int) else tuple(axes)
             if (
                 not axes
                 or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes)
                 or len(set(axes)) != len(axes)
             ):
                 raise ConfigError(
-                    f"AdapterConfig.input_axes[{pattern!r}]: expected distinct integer axes; got {rule[1]!r}"
+                    f"AdapterConfig.input_axes[{pattern!r}]: expected distinct integer axes; got {given!r}"
                 )
             normalised.append((pattern, axes))
         object.__setattr__(self, "input_axes", tuple(normalised))
+
+    def _normalise_stacked_axes(self) -> None:
+        normalised = []
+        for pattern, count in _rules("stacked_axes", self.stacked_axes, "count"):
+            if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count <= 0:
+                raise ConfigError(
+                    f"AdapterConfig.stacked_axes[{pattern!r}]: expected a positive number of leading axes; "
+                    f"got {count!r}"
+                )
+            normalised.append((pattern, int(count)))
+        if normalised and self.vector_based:
+            raise ConfigError(
+                f"AdapterConfig.stacked_axes needs method 'dora' or 'lora'; got method={self.method!r} (VeRA's "
+                "shared projections are sliced to one kernel's shape, not per layer of a stack)"
+            )
+        object.__setattr__(self, "stacked_axes", tuple(normalised))
+
+    def stacked_for(self, path: str) -> int:
+        """How many leading axes of the kernel at ``path`` index a stack of layers (0: none)."""
+        return next((count for pattern, count in self.stacked_axes if re.fullmatch(pattern, path)), 0)
 
     @property
     def scale(self) -> float:
@@ -250,6 +282,7 @@ class AdapterConfig:
         patterns = self.magnitude_patterns
         out["magnitude_targets"] = list(patterns) if len(patterns) > 1 else self.magnitude_targets
         out["input_axes"] = {pattern: list(axes) for pattern, axes in self.input_axes}
+        out["stacked_axes"] = dict(self.stacked_axes)
         return out
 
     @classmethod
@@ -265,6 +298,7 @@ class AdapterConfig:
         for key in ("targets", "magnitude_targets"):
             if isinstance(kwargs.get(key), list):
                 kwargs[key] = tuple(kwargs[key])
-        if "input_axes" in kwargs and isinstance(kwargs["input_axes"], Mapping):
-            kwargs["input_axes"] = tuple(kwargs["input_axes"].items())
+        for key in ("input_axes", "stacked_axes"):
+            if key in kwargs and isinstance(kwargs[key], Mapping):
+                kwargs[key] = tuple(kwargs[key].items())
         return cls(**kwargs)

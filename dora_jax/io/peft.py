@@ -98,6 +98,13 @@ def export_peft(
     table = module_table(model, modules, params)
     adapters = adapters if model is None else models.unrolled(model, adapters)
     entries = adapter_entries(adapters)
+    stacked = sorted(path for path in entries if cfg.stacked_for(path))
+    if stacked:
+        raise ConfigError(
+            f"{stacked} hold stacks of layers (AdapterConfig.stacked_axes) and PEFT names one module per layer: "
+            "give each layer its own leaf (kernel and adapter sliced along the stacked axes) and a module name "
+            "in modules=, or export the merged model"
+        )
     for path in entries:
         if path not in table.names:
             raise TargetError(
