@@ -208,6 +208,7 @@ def test_a_stored_decay_magnitude_flag_reads_as_the_magnitude_decay():
         "model.attention": "auto",
         "model.quantize": "none",
         "model.quantize_block": -1,
+        "adapter.stacked_axes": {},
     }
     assert (
         run_config.upgrade({"train.weight_decay": 0.1, "train.decay_magnitude": False})["train.magnitude_weight_decay"]
