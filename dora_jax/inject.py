@@ -30,6 +30,7 @@ Finding which targets are intercepted costs one abstract trace of the model
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -254,8 +255,17 @@ class _Router:
     slice; the adapter is checked against the kernel the layer sees.
     """
 
-    def __init__(self, paths: set[str], cfg: AdapterConfig, dropout: bool, projection: Adapter | None = None):
+    def __init__(
+        self,
+        paths: set[str],
+        cfg: AdapterConfig,
+        dropout: bool,
+        projection: Adapter | None = None,
+        ndims: Mapping[str, int] | None = None,
+    ):
         self.paths, self.cfg, self.dropout, self.projection = paths, cfg, dropout, projection
+        self.ndims = dict(ndims or {})  # each target's axes in the params tree (a stacked kernel: with its stack)
+        self.per_layer = dataclasses.replace(cfg, stacked_axes=())  # a layer's slice of a stacked kernel
         self.handled: set[str] = set()
         self.refused: dict[str, str] = {}  # path -> why a call to it could not be routed
         self.busy = False
@@ -284,14 +294,20 @@ class _Router:
                 f"{ADAPTERS!r} collection (give it variable_axes={{True: 0}} or list {ADAPTERS!r})"
             )
             return next_fun(*args, **kwargs)
+        cfg = self.cfg
+        if cfg.stacked_for(path):  # a lift over layers (nn.scan) hands each layer its slice of kernel and adapter
+            if len(kernel.shape) == self.ndims.get(path):
+                self.refused[path] = "it is stacked along leading layer axes (stacked_axes) and read whole"
+                return next_fun(*args, **kwargs)
+            cfg = self.per_layer
         adapter = dict(module.get_variable(ADAPTERS, leaf))
-        check_adapter(path, kernel, adapter, self.cfg)
+        check_adapter(path, kernel, adapter, cfg)
         if "lambda_d" in adapter:
-            check_projection(path, kernel, self.projection, self.cfg)
-        axes = self.cfg.axes_for(path, tuple(kernel.shape))
+            check_projection(path, kernel, self.projection, cfg)
+        axes = cfg.axes_for(path, tuple(kernel.shape))
         matrices = kernel_layout(kernel.shape, axes).adapter_matrices(adapter, self.projection)
         rng = module.make_rng(DROPOUT_RNG) if self.dropout else None
-        out = self._handle(handler, module, args, kwargs, kernel, axes, _Adapted(matrices, self.cfg, rng))
+        out = self._handle(handler, module, args, kwargs, kernel, axes, _Adapted(matrices, cfg, rng))
         if isinstance(out, str):
             self.refused[path] = out
             return next_fun(*args, **kwargs)
@@ -328,9 +344,14 @@ def _run(apply_fn, params, adapters, router: _Router, args, kwargs, collections_
         return apply_fn(variables, *args, **kwargs)
 
 
+def _ndims(params: Any, paths: set[str]) -> dict[str, int]:
+    """The number of axes of each targeted leaf of ``params``."""
+    return {path: len(leaf.shape) for path, leaf in targets.leaves_by_path(params).items() if path in paths}
+
+
 def _unrouted(apply_fn, cfg, paths, projection, params, adapters, args, kwargs, collections_) -> dict[str, str]:
     """{path: reason} after one abstract trace: the targets no layer call can route."""
-    probe = _Router(paths, cfg, False, projection)
+    probe = _Router(paths, cfg, False, projection, _ndims(params, paths))
 
     def trace(params, adapters, projection):  # arrays or jax.ShapeDtypeStruct alike
         probe.projection = projection
@@ -412,7 +433,8 @@ def inject(apply_fn: Callable[..., Any], cfg: AdapterConfig, *, fallback: str | 
             entries = adapter_entries(adapters)
             merged = targets.nest({p: entries[p] for p in unrouted})
             params = merge(params, merged if projection is None else {**merged, vera.PROJECTION: projection}, cfg)
-        router = _Router(paths - set(unrouted), cfg, dropout_rng is not None and cfg.dropout > 0, projection)
+        dropout = dropout_rng is not None and cfg.dropout > 0
+        router = _Router(paths - set(unrouted), cfg, dropout, projection, _ndims(params, paths))
         rng = dropout_rng if router.dropout else None
         return _run(apply_fn, params, layered, router, args, kwargs, collections_, rng)
 

@@ -88,6 +88,18 @@ def test_adapted_scan_equals_the_unrolled_model_in_outputs_and_adapter_gradients
         np.testing.assert_allclose(got, want, atol=1e-6 * float(jnp.abs(want).max()) + 1e-9, rtol=1e-4)
 
 
+def test_adapters_made_on_the_stacked_params_by_stacked_axes_run_through_inject_like_merge(pair):
+    # dj.init_adapters over the scanned model's own params (AdapterConfig.stacked_axes: the layers axis leads):
+    # nn.scan hands each layer its slice, routed (fallback="error"); the whole-stack merge gives the same logits
+    _, scanned, _, stacked, ids = pair
+    cfg = dj.AdapterConfig(rank=2, targets=TARGETS, stacked_axes={"layers/.*": 1}, fallback="error")
+    adapters = perturb(dj.init_adapters(jax.random.key(1), stacked, cfg))
+    assert adapters["layers"]["self_attn"]["q_proj"]["kernel"]["a"].shape == (2, 64, 2)
+    got = jax.jit(dj.inject(scanned.apply, cfg))(stacked, adapters, ids)
+    want = scanned.apply({"params": dj.merge(stacked, adapters, cfg)}, ids)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_each_scanned_layer_draws_its_own_dropout_mask(pair, monkeypatch):
     _, scanned, params, stacked, ids = pair
     cfg = dj.AdapterConfig(rank=4, targets=r".*/q_proj/kernel", dropout=0.5)
