@@ -257,15 +257,15 @@ class _Router:
 
     def __init__(
         self,
-        paths: set[str],
+        paths: Mapping[str, int],
         cfg: AdapterConfig,
         dropout: bool,
         projection: Adapter | None = None,
-        ndims: Mapping[str, int] | None = None,
     ):
+        # paths: each target's number of axes in the params tree (a stacked kernel: with its stack)
         self.paths, self.cfg, self.dropout, self.projection = paths, cfg, dropout, projection
-        self.ndims = dict(ndims or {})  # each target's axes in the params tree (a stacked kernel: with its stack)
-        self.per_layer = dataclasses.replace(cfg, stacked_axes=())  # a layer's slice of a stacked kernel
+        # a layer's slice of a stacked kernel is checked and routed without the stack
+        self.per_layer = dataclasses.replace(cfg, stacked_axes=()) if cfg.stacked_axes else cfg
         self.handled: set[str] = set()
         self.refused: dict[str, str] = {}  # path -> why a call to it could not be routed
         self.busy = False
@@ -296,7 +296,7 @@ class _Router:
             return next_fun(*args, **kwargs)
         cfg = self.cfg
         if cfg.stacked_for(path):  # a lift over layers (nn.scan) hands each layer its slice of kernel and adapter
-            if len(kernel.shape) == self.ndims.get(path):
+            if len(kernel.shape) == self.paths[path]:
                 self.refused[path] = "it is stacked along leading layer axes (stacked_axes) and read whole"
                 return next_fun(*args, **kwargs)
             cfg = self.per_layer
@@ -344,14 +344,9 @@ def _run(apply_fn, params, adapters, router: _Router, args, kwargs, collections_
         return apply_fn(variables, *args, **kwargs)
 
 
-def _ndims(params: Any, paths: set[str]) -> dict[str, int]:
-    """The number of axes of each targeted leaf of ``params``."""
-    return {path: len(leaf.shape) for path, leaf in targets.leaves_by_path(params).items() if path in paths}
-
-
 def _unrouted(apply_fn, cfg, paths, projection, params, adapters, args, kwargs, collections_) -> dict[str, str]:
     """{path: reason} after one abstract trace: the targets no layer call can route."""
-    probe = _Router(paths, cfg, False, projection, _ndims(params, paths))
+    probe = _Router(paths, cfg, False, projection)
 
     def trace(params, adapters, projection):  # arrays or jax.ShapeDtypeStruct alike
         probe.projection = projection
@@ -360,12 +355,13 @@ def _unrouted(apply_fn, cfg, paths, projection, params, adapters, args, kwargs, 
     jax.eval_shape(trace, params, adapters, projection)
     # A leaf one call could not route is merged even where another call was routed: every read then sees W'.
     routed = probe.handled - set(probe.refused)
-    return {p: probe.refused.get(p, NOT_READ) for p in sorted(paths - routed)}
+    return {p: probe.refused.get(p, NOT_READ) for p in sorted(set(paths) - routed)}
 
 
-def _split(params: Any, adapters: Any, collections_: Mapping[str, Any]) -> tuple[set[str], Any, Any]:
-    """(target paths, the adapters without VeRA's projections, the projections); every adapter must
-    name a leaf of ``params`` (its shapes are checked where a layer reads it, or where it is merged)."""
+def _split(params: Any, adapters: Any, collections_: Mapping[str, Any]) -> tuple[dict[str, int], Any, Any]:
+    """({target path: its leaf's number of axes}, the adapters without VeRA's projections, the projections);
+    every adapter must name a leaf of ``params`` (its shapes are checked where a layer reads it, or where it
+    is merged)."""
     if ADAPTERS in collections_:
         raise ConfigError(f"collections: {ADAPTERS!r} is the collection inject passes the adapters in; rename yours")
     paths = set(adapter_entries(adapters))
@@ -376,7 +372,7 @@ def _split(params: Any, adapters: Any, collections_: Mapping[str, Any]) -> tuple
             f"adapters for {missing} name no leaf of the parameter tree. Available leaves:\n{targets.describe(params)}"
         )
     layered = {key: value for key, value in adapters.items() if key != vera.PROJECTION}
-    return paths, layered, vera.projection_of(adapters)
+    return {path: len(leaves[path].shape) for path in paths}, layered, vera.projection_of(adapters)
 
 
 def describe(unrouted: Mapping[str, str]) -> str:
@@ -434,7 +430,8 @@ def inject(apply_fn: Callable[..., Any], cfg: AdapterConfig, *, fallback: str | 
             merged = targets.nest({p: entries[p] for p in unrouted})
             params = merge(params, merged if projection is None else {**merged, vera.PROJECTION: projection}, cfg)
         dropout = dropout_rng is not None and cfg.dropout > 0
-        router = _Router(paths - set(unrouted), cfg, dropout, projection, _ndims(params, paths))
+        routed = {path: ndim for path, ndim in paths.items() if path not in unrouted}
+        router = _Router(routed, cfg, dropout, projection)
         rng = dropout_rng if router.dropout else None
         return _run(apply_fn, params, layered, router, args, kwargs, collections_, rng)
 

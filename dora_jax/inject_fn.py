@@ -46,11 +46,10 @@ from dora_jax.core import (
     factored_dense,
     folded_dense,
     kernel_layout,
-    merge_kernel,
     quantize,
     vera,
 )
-from dora_jax.core.adapters import matched_entries, per_layer
+from dora_jax.core.adapters import matched_entries, merge_layers
 from dora_jax.core.dora import saved_activations
 from dora_jax.errors import InjectError
 
@@ -256,9 +255,7 @@ class _Evaluator:
         if value.path in self.entries:
             if self.cfg.fallback == "error":
                 raise InjectError(f"{value.path}: {reason}; inject_fn merges it there unless fallback='error'")
-            axes, projection = self.axes(value), self.projection
-            merged = per_layer(lambda w, entry: merge_kernel(w, entry, self.cfg, axes, projection), value.stacked)
-            leaf = merged(leaf, self.entry(value))
+            leaf = merge_layers(leaf, self.entry(value), self.cfg, self.axes(value), self.projection, value.stacked)
         return _moved_value(leaf, value.moves, casts=True)
 
     def entry(self, kernel: _Kernel) -> dict:

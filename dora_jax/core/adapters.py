@@ -117,12 +117,11 @@ def init_adapters(rng: jax.Array, params: Any, cfg: AdapterConfig) -> dict[str, 
         )
 
     def init(path: str, kernel: Any) -> Adapter:
-        key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
+        stacked = cfg.stacked_for(path)
         if path in selected:
-            return per_layer(lambda key, kernel: init_adapter(key, kernel, cfg, path), cfg.stacked_for(path))(
-                _layer_keys(key, kernel.shape[: cfg.stacked_for(path)]), kernel
-            )
-        return per_layer(lambda kernel: init_magnitude(kernel, cfg, path), cfg.stacked_for(path))(kernel)
+            keys = _layer_keys(jax.random.fold_in(rng, zlib.crc32(path.encode())), kernel.shape[:stacked])
+            return per_layer(lambda key, kernel: init_adapter(key, kernel, cfg, path), stacked)(keys, kernel)
+        return per_layer(lambda kernel: init_magnitude(kernel, cfg, path), stacked)(kernel)
 
     flat = {
         path: init(path, kernel)
@@ -145,6 +144,14 @@ def per_layer(fn: Any, stacked: int) -> Any:
     for _ in range(stacked):
         fn = jax.vmap(fn)
     return fn
+
+
+def merge_layers(
+    kernel: jax.Array, adapter: Adapter, cfg: AdapterConfig, axes: tuple[int, ...], projection: Any, stacked: int
+) -> jax.Array:
+    """``merge_kernel`` of each layer of a kernel stacked along ``stacked`` leading axes (``axes``: one
+    layer's input axes); ``merge_kernel`` itself for 0."""
+    return per_layer(lambda w, a: merge_kernel(w, a, cfg, axes, projection), stacked)(kernel, adapter)
 
 
 def _layer_keys(key: jax.Array, stack: tuple[int, ...]) -> jax.Array:
@@ -272,6 +279,6 @@ def merge(params: Any, adapters: Any, cfg: AdapterConfig) -> Any:
         kernel = quantize.dequantized(leaf)  # W' of a quantized W0 is built from its dequantized values
         stacked = cfg.stacked_for(path)
         axes = cfg.axes_for(path, tuple(leaf.shape[stacked:]))
-        return per_layer(lambda w, entry: merge_kernel(w, entry, cfg, axes, projection), stacked)(kernel, entries[path])
+        return merge_layers(kernel, entries[path], cfg, axes, projection, stacked)
 
     return jax.tree_util.tree_map_with_path(replace, params, is_leaf=targets.is_parameter_node)
